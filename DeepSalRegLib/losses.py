@@ -1,0 +1,211 @@
+"""Similarity terms, joint-saliency weighting and regularisers (2D and 3D).
+
+Images are ``(B, 1, *S)``; fields follow ``warp.py`` (voxels, ``(B, nd, *S)``). Similarity terms are
+*losses* (lower is better). Every similarity accepts an optional per-voxel ``weight`` (``(B, 1, *S)``)
+and then returns the weighted mean ``sum(w * r) / sum(w)``; this is how the joint saliency map weights the
+alignment residual (``jsm_weight``) and how masks restrict a term.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .warp import jacobian_determinant, spatial_dims
+
+__all__ = [
+    "charbonnier",
+    "charbonnier_similarity",
+    "gradient_magnitude_similarity",
+    "mse_similarity",
+    "lncc_similarity",
+    "jsm_weight",
+    "smoothness",
+    "negative_jacobian_penalty",
+    "RegistrationLoss",
+]
+
+CHARBONNIER_EPS = 1e-3  # thesis value
+
+
+def charbonnier(x: torch.Tensor, eps: float = CHARBONNIER_EPS) -> torch.Tensor:
+    """Robust penalty ``sqrt(x^2 + eps^2)`` (thesis)."""
+    return torch.sqrt(x * x + eps * eps)
+
+
+def _reduce(residual: torch.Tensor, weight: torch.Tensor | None, reduction: str) -> torch.Tensor:
+    if weight is not None:
+        weight = weight.expand_as(residual)
+        if reduction == "sum":
+            return (weight * residual).sum()
+        return (weight * residual).sum() / weight.sum().clamp_min(1e-8)
+    return residual.sum() if reduction == "sum" else residual.mean()
+
+
+def charbonnier_similarity(fixed, warped, weight=None, reduction="mean"):
+    """Charbonnier intensity difference ``rho(F - W)`` (thesis data term)."""
+    return _reduce(charbonnier(fixed - warped), weight, reduction)
+
+
+def mse_similarity(fixed, warped, weight=None, reduction="mean"):
+    """Mean squared intensity difference."""
+    return _reduce((fixed - warped) ** 2, weight, reduction)
+
+
+def _gradient_magnitude(image: torch.Tensor) -> torch.Tensor:
+    """``|grad I|`` from forward differences, zero-padded at the far end (thesis)."""
+    nd = spatial_dims(image)
+    total = torch.zeros_like(image)
+    for axis in range(nd):
+        dim = axis + 2
+        n = image.shape[dim]
+        diff = image.narrow(dim, 1, n - 1) - image.narrow(dim, 0, n - 1)
+        pad = [0, 0] * nd
+        pad[2 * (nd - 1 - axis) + 1] = 1
+        total = total + F.pad(diff, pad) ** 2
+    return torch.sqrt(total + 1e-12)
+
+
+def gradient_magnitude_similarity(fixed, warped, weight=None, reduction="mean"):
+    """Charbonnier of the gradient-magnitude difference ``rho(|grad F| - |grad W|)`` (thesis)."""
+    return _reduce(charbonnier(_gradient_magnitude(fixed) - _gradient_magnitude(warped)), weight, reduction)
+
+
+def lncc_similarity(fixed, warped, weight=None, reduction="mean", window: int = 9):
+    """``1 - LNCC^2``-style loss: one minus the squared local normalised cross-correlation (box window).
+
+    Returns a value in [0, 1]; 0 for images that are locally affine functions of each other.
+    """
+    nd = spatial_dims(fixed)
+    pool = F.avg_pool2d if nd == 2 else F.avg_pool3d
+    pad = window // 2
+
+    def local_mean(t):
+        return pool(t, window, stride=1, padding=pad, count_include_pad=False)
+
+    mf, mw = local_mean(fixed), local_mean(warped)
+    cross = local_mean(fixed * warped) - mf * mw
+    var_f = (local_mean(fixed * fixed) - mf * mf).clamp_min(0)
+    var_w = (local_mean(warped * warped) - mw * mw).clamp_min(0)
+    cc = cross * cross / (var_f * var_w + 1e-6)
+    return _reduce(1.0 - cc.clamp(0, 1), weight, reduction)
+
+
+_SIMILARITIES = {
+    "charbonnier": charbonnier_similarity,
+    "mse": mse_similarity,
+    "lncc": lncc_similarity,
+}
+
+
+def jsm_weight(jsm: torch.Tensor, alpha: float = 0.1) -> torch.Tensor:
+    """Per-voxel loss weight ``alpha + (1 - alpha) * stopgrad(JSM)``.
+
+    Detached so the network cannot lower the loss by destroying joint saliency; ``alpha`` keeps gradients
+    alive in flat regions (where the JSM is 0 by construction) so smoothness can carry motion there.
+    """
+    return alpha + (1.0 - alpha) * jsm.detach()
+
+
+def smoothness(field: torch.Tensor, kind: str = "diffusion", reduction: str = "mean") -> torch.Tensor:
+    """Regulariser of a voxel field.
+
+    * ``"diffusion"``: mean squared forward differences (first order).
+    * ``"tv"``: Charbonnier of forward differences (thesis total variation).
+    * ``"bending"``: mean squared second derivatives (bending energy, incl. mixed terms).
+    """
+    nd = spatial_dims(field)
+
+    def diff(t, axis):
+        dim = axis + 2
+        n = t.shape[dim]
+        return t.narrow(dim, 1, n - 1) - t.narrow(dim, 0, n - 1)
+
+    reducer = torch.sum if reduction == "sum" else torch.mean
+    if kind == "diffusion":
+        return sum(reducer(diff(field, a) ** 2) for a in range(nd)) / (1 if reduction == "sum" else nd)
+    if kind == "tv":
+        return sum(reducer(charbonnier(diff(field, a))) for a in range(nd)) / (1 if reduction == "sum" else nd)
+    if kind == "bending":
+        terms = []
+        for a in range(nd):
+            da = diff(field, a)
+            for b in range(a, nd):
+                factor = 1.0 if a == b else 2.0
+                terms.append(factor * reducer(diff(da, b) ** 2))
+        return sum(terms) / (1 if reduction == "sum" else len(terms))
+    raise ValueError(f"smoothness kind must be 'diffusion', 'tv' or 'bending', got {kind!r}")
+
+
+def negative_jacobian_penalty(field: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
+    """Mean of ``relu(margin - det J)``: zero unless the field folds (or compresses below ``margin``)."""
+    return F.relu(margin - jacobian_determinant(field)).mean()
+
+
+class RegistrationLoss(nn.Module):
+    """The unsupervised training / optimisation objective on a ``DeepSalRegNet`` output dict.
+
+    ``L = sim(F, W_r; w_r) + coarse_weight * sim(F, W_c; w_c) + gradient_weight * grad(F, W_r; w_r)
+          + smoothness_weight * R(u_r) + coarse_weight * smoothness_weight * R(u_c) + jacobian_weight * J(u_r)``
+
+    Args:
+        similarity: ``"charbonnier"`` (thesis), ``"lncc"`` or ``"mse"``.
+        gradient_weight: weight of the gradient-magnitude term (thesis: 20).
+        smoothness: regulariser kind (see ``smoothness``); ``smoothness_weight`` its weight.
+        jsm_weight: ``"none"`` (thesis), ``"refined"`` or ``"coarse+refined"``: which data terms are weighted
+            by ``alpha + (1 - alpha) * stopgrad(JSM(F, W))``.
+        jsm_alpha: the floor ``alpha`` of that weight.
+        coarse_weight: weight of the coarse-field terms (deep supervision of the global network).
+        jacobian_weight: weight of the negative-Jacobian penalty.
+        reduction: ``"mean"`` or ``"sum"`` (thesis).
+    ``forward(output, fixed, mask=None) -> (total, parts)`` where ``parts`` maps term names to floats.
+    """
+
+    def __init__(self, similarity="lncc", gradient_weight=0.0, smoothness="diffusion", smoothness_weight=1.0,
+                 jsm_weight="coarse+refined", jsm_alpha=0.1, coarse_weight=0.5, jacobian_weight=0.0,
+                 reduction="mean", jsm_options=None):
+        super().__init__()
+        if similarity not in _SIMILARITIES:
+            raise ValueError(f"similarity must be one of {sorted(_SIMILARITIES)}, got {similarity!r}")
+        if jsm_weight not in ("none", "refined", "coarse+refined"):
+            raise ValueError(f"jsm_weight must be 'none', 'refined' or 'coarse+refined', got {jsm_weight!r}")
+        self.similarity, self.gradient_weight = similarity, gradient_weight
+        self.smoothness_kind, self.smoothness_weight = smoothness, smoothness_weight
+        self.jsm_mode, self.jsm_alpha, self.coarse_weight = jsm_weight, jsm_alpha, coarse_weight
+        self.jacobian_weight, self.reduction = jacobian_weight, reduction
+        self.jsm_options = dict(jsm_options or {})
+
+    def _data(self, fixed, warped, weight):
+        value = _SIMILARITIES[self.similarity](fixed, warped, weight, self.reduction)
+        if self.gradient_weight:
+            value = value + self.gradient_weight * gradient_magnitude_similarity(fixed, warped, weight, self.reduction)
+        return value
+
+    def _weight(self, fixed, warped, mask, use_jsm, jsm=None):
+        weight = None
+        if use_jsm:
+            if jsm is None:
+                from .saliency import joint_saliency_map
+
+                with torch.no_grad():
+                    jsm = joint_saliency_map(fixed, warped.detach(), **self.jsm_options)
+            weight = jsm_weight(jsm, self.jsm_alpha)
+        if mask is not None:
+            weight = mask.float() if weight is None else weight * mask.float()
+        return weight
+
+    def forward(self, output: dict, fixed: torch.Tensor, mask: torch.Tensor | None = None):
+        parts = {}
+        w_r = self._weight(fixed, output["warped"], mask, self.jsm_mode != "none")
+        parts["similarity"] = self._data(fixed, output["warped"], w_r)
+        parts["smoothness"] = self.smoothness_weight * smoothness(output["flow"], self.smoothness_kind, self.reduction)
+        if self.coarse_weight and "warped_coarse" in output:
+            # the model's own JSM is JSM(F, W_c): reuse it as the coarse weight
+            w_c = self._weight(fixed, output["warped_coarse"], mask, self.jsm_mode == "coarse+refined", output.get("jsm"))
+            parts["similarity_coarse"] = self.coarse_weight * self._data(fixed, output["warped_coarse"], w_c)
+            parts["smoothness_coarse"] = self.coarse_weight * self.smoothness_weight * smoothness(
+                output["flow_coarse"], self.smoothness_kind, self.reduction)
+        if self.jacobian_weight:
+            parts["jacobian"] = self.jacobian_weight * negative_jacobian_penalty(output["flow"])
+        total = sum(parts.values())
+        return total, {k: float(v.detach()) for k, v in parts.items()}

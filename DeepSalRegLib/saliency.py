@@ -1,0 +1,263 @@
+"""The joint saliency map (JSM) of the thesis, differentiable, in 2D and 3D.
+
+``JSM = N( min(S_F, S_W) / (1 + N(D)) )`` where, for each image, ``T`` is the Gaussian-smoothed structure
+tensor of its forward differences, ``S`` is the mean deviatoric tensor distance between ``T(x)`` and its
+neighbours (centre-surround tensor contrast), ``D = d(T_F, T_W)`` is the distance between the two images'
+tensors at the same voxel and ``N`` is a min/max normalisation. The map is high only where both images
+are salient and their local structure agrees; it is ~0 on flat regions and on structure that exists in
+one image only (missing correspondence).
+
+Deviatoric distance (the thesis's ``sqrt(8 pi/15 (tr D^2 - tr(D)^2/3))``) is written as a Euclidean
+distance between per-voxel feature vectors: with ``A = T - tr(T)/k I`` the deviatoric part,
+``tr(D^2) - tr(D)^2/k = |A(x) - A(y)|_F^2``. Each voxel's tensor is therefore reduced once to a short vector
+(``deviatoric_features``) and every neighbour distance is one subtraction and a norm. Neighbour
+distances are symmetric, so 2D/3D full connectivity needs 4/13 evaluations instead of 8/26, and each one
+keeps a single volume for backward, so memory grows by one volume per neighbour pair, not a dozen.
+
+Shapes: images ``(B, 1, *S)``; output ``(B, 1, *S)`` in [0, 1]. Array axis order as in ``warp.py``.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .warp import spatial_dims
+
+__all__ = [
+    "joint_saliency_map",
+    "structure_tensor",
+    "deviatoric_features",
+    "local_saliency",
+    "cross_distance",
+    "normalise",
+    "THESIS_OPTIONS",
+]
+
+#: Options that reproduce the thesis layer exactly (``common/mylayer.py::_JSM``) in 2D.
+THESIS_OPTIONS = dict(sigma=1.0, distance="thesis", connectivity="full", normalisation="batch")
+
+# sqrt(x + eps) - sqrt(eps): differentiable at 0 (as the thesis's +1e-9) and exactly 0 for equal tensors,
+# so flat images have exactly zero saliency.
+_EPS = 1e-9
+_SQRT_EPS = math.sqrt(_EPS)
+
+
+def _gaussian_kernel1d(sigma: float, dtype, device) -> torch.Tensor:
+    radius = max(1, int(math.ceil(4 * sigma)))
+    x = torch.arange(-radius, radius + 1, dtype=dtype, device=device)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return k / k.sum()
+
+
+def _smooth(t: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian smoothing of every channel of ``(B, C, *S)`` with zero padding (as the thesis)."""
+    nd = spatial_dims(t)
+    channels = t.shape[1]
+    k = _gaussian_kernel1d(sigma, t.dtype, t.device)
+    radius = (k.numel() - 1) // 2
+    conv = F.conv2d if nd == 2 else F.conv3d
+    for axis in range(nd):
+        shape = [1] * nd
+        shape[axis] = k.numel()
+        weight = k.view(1, 1, *shape).repeat(channels, 1, *([1] * nd))
+        padding = [0] * nd
+        padding[axis] = radius
+        t = conv(t, weight, padding=tuple(padding), groups=channels)
+    return t
+
+
+def _forward_differences(image: torch.Tensor, spacing=None) -> list[torch.Tensor]:
+    """Per-axis ``I(x) - I(x + e_axis)`` (thesis sign), zero on the last slice; divided by spacing if given."""
+    nd = spatial_dims(image)
+    grads = []
+    for axis in range(nd):
+        dim = axis + 2
+        n = image.shape[dim]
+        diff = image.narrow(dim, 0, n - 1) - image.narrow(dim, 1, n - 1)
+        pad = [0, 0] * nd
+        pad[2 * (nd - 1 - axis) + 1] = 1  # F.pad counts from the last axis
+        g = F.pad(diff, pad)
+        if spacing is not None:
+            g = g / float(spacing[axis])
+        grads.append(g)
+    return grads
+
+
+def structure_tensor(image: torch.Tensor, sigma: float = 1.0, spacing=None) -> torch.Tensor:
+    """Smoothed structure tensor: ``(B, nd*(nd+1)/2, *S)`` holding the unique entries.
+
+    Order of entries: the diagonal ``T_00, T_11[, T_22]`` then the off-diagonal ``T_01[, T_02, T_12]``.
+    ``spacing`` (per array axis, e.g. mm) scales the differences for anisotropic voxels.
+    """
+    g = _forward_differences(image, spacing)
+    nd = len(g)
+    products = [g[i] * g[i] for i in range(nd)]
+    products += [g[i] * g[j] for i, j in itertools.combinations(range(nd), 2)]
+    return _smooth(torch.cat(products, dim=1), sigma)
+
+
+def deviatoric_features(tensor: torch.Tensor, nd: int, distance: str = "exact") -> torch.Tensor:
+    """Map unique tensor entries to vectors whose Euclidean distance is the deviatoric tensor distance.
+
+    ``|f(T1) - f(T2)|^2 = c * (tr(D^2) - tr(D)^2 / k)`` with ``D = T1 - T2``:
+
+    * ``distance="exact"``: ``k = nd``; ``c = 8 pi / 15`` in 3D, ``pi / 2`` in 2D (the true deviatoric norm).
+    * ``distance="thesis"``: ``k = 3``, ``c = 8 pi / 15`` in any dimension (the thesis's constants; in 2D
+      this treats the 2x2 tensor as a 3x3 one with a zero last row).
+    """
+    if distance not in ("exact", "thesis"):
+        raise ValueError(f"distance must be 'exact' or 'thesis', got {distance!r}")
+    diag = tensor[:, :nd]
+    off = tensor[:, nd:]
+    if distance == "thesis":
+        k, c = 3.0, 8 * math.pi / 15
+    else:
+        k, c = float(nd), (8 * math.pi / 15 if nd == 3 else math.pi / 2)
+    trace = diag.sum(dim=1, keepdim=True)
+    parts = [diag - trace / k]
+    if distance == "thesis" and nd == 2:
+        parts.append(-trace / k)  # the implicit third diagonal entry of the embedded tensor
+    parts.append(off * math.sqrt(2.0))
+    return torch.cat(parts, dim=1) * math.sqrt(c)
+
+
+class _PairDistance(torch.autograd.Function):
+    """``sqrt(|a - b|^2 + eps) - sqrt(eps)`` over channels, saving only its inputs (often views) and its output.
+
+    Autograd would keep the difference and its square for every neighbour offset; recomputing the
+    difference in backward keeps memory at one volume per offset.
+    """
+
+    @staticmethod
+    def forward(ctx, a, b):
+        d = torch.sqrt(((a - b) ** 2).sum(dim=1, keepdim=True) + _EPS)
+        ctx.save_for_backward(a, b, d)
+        return d - _SQRT_EPS
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b, d = ctx.saved_tensors
+        ga = (a - b) * (grad / d)
+        return ga, -ga
+
+
+def _distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return _PairDistance.apply(a, b)
+
+
+def _half_offsets(nd: int, connectivity: str):
+    """One offset of each +/- pair: 4/13 (full) or 2/3 (face) in 2D/3D."""
+    if connectivity == "face":
+        offsets = [tuple(1 if a == d else 0 for a in range(nd)) for d in range(nd)]
+    elif connectivity == "full":
+        offsets = [o for o in itertools.product((-1, 0, 1), repeat=nd) if o > (0,) * nd]
+    else:
+        raise ValueError(f"connectivity must be 'full' or 'face', got {connectivity!r}")
+    return offsets
+
+
+def _offset_contribution(padded: torch.Tensor, offset, shape) -> torch.Tensor:
+    """``d(f(x), f(x+n)) + d(f(x), f(x-n))`` for interior voxels x of a 1-voxel replicate-padded map.
+
+    Each pair distance is evaluated once: ``E(y) = d(f(y), f(y+n))`` on the box of ``y`` that the interior
+    needs, then ``E(x)`` and ``E(x - n)`` are read from it.
+    """
+    nd = len(shape)
+    base, ahead = padded, padded
+    for axis in range(nd):
+        n = offset[axis]
+        start = 0 if n == 1 else 1
+        length = shape[axis] + (1 if n != 0 else 0)
+        base = base.narrow(axis + 2, start, length)
+        ahead = ahead.narrow(axis + 2, start + n, length)
+    pair = _distance(base, ahead)
+    forward, backward = pair, pair
+    for axis in range(nd):
+        n = offset[axis]
+        forward = forward.narrow(axis + 2, 1 if n == 1 else 0, shape[axis])
+        backward = backward.narrow(axis + 2, 1 if n == -1 else 0, shape[axis])
+    return forward + backward
+
+
+def local_saliency(features: torch.Tensor, connectivity: str = "full") -> torch.Tensor:
+    """Single-image saliency ``S(x) = sum_n d(T(x), T(clamp(x+n))) / (#neighbours + 1)``: ``(B, 1, *S)``.
+
+    ``features`` come from ``deviatoric_features``. Borders replicate (clamped neighbours), and the divisor
+    is the neighbour count plus one (9 in 2D, as in the thesis; 27 in 3D).
+    """
+    nd = spatial_dims(features)
+    shape = tuple(features.shape[2:])
+    padded = F.pad(features, [1, 1] * nd, mode="replicate")
+    offsets = _half_offsets(nd, connectivity)
+    total = None
+    for offset in offsets:
+        term = _offset_contribution(padded, offset, shape)
+        total = term if total is None else total + term
+    return total / (2 * len(offsets) + 1)
+
+
+def cross_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> torch.Tensor:
+    """Deviatoric distance between two images' tensors at the same voxel: ``(B, 1, *S)``."""
+    return _distance(features_a, features_b)
+
+
+def normalise(t: torch.Tensor, mode: str = "sample") -> torch.Tensor:
+    """Min/max normalisation.
+
+    * ``"sample"`` (default): ``(t - min) / (max - min + 1e-8)`` per sample, so a map does not depend on
+      what else is in the batch.
+    * ``"batch"``: the thesis's ``(t - min) / max`` over the whole batch.
+    """
+    if mode == "sample":
+        flat = t.flatten(1)
+        lo = flat.min(dim=1).values.view(-1, *([1] * (t.dim() - 1)))
+        hi = flat.max(dim=1).values.view(-1, *([1] * (t.dim() - 1)))
+        return (t - lo) / (hi - lo + 1e-8)
+    if mode == "batch":
+        return (t - t.min()) / (t.max() + 1e-12)
+    raise ValueError(f"normalisation must be 'sample' or 'batch', got {mode!r}")
+
+
+def joint_saliency_map(
+    fixed: torch.Tensor,
+    warped: torch.Tensor,
+    *,
+    sigma: float = 1.0,
+    distance: str = "exact",
+    connectivity: str = "full",
+    normalisation: str = "sample",
+    spacing=None,
+    softmin_tau: float | None = None,
+) -> torch.Tensor:
+    """Joint saliency map of a fixed image and a (warped) moving image: ``(B, 1, *S)`` in [0, 1].
+
+    Args:
+        fixed, warped: ``(B, 1, *S)`` images on the same grid (intensity scale does not matter for the
+            result up to the normalisation; use the same scale for both).
+        sigma: Gaussian scale of the structure tensor, in voxels (thesis: 1.0, 9-tap kernel).
+        distance: ``"exact"`` deviatoric constants or ``"thesis"`` (3D constants in 2D too).
+        connectivity: ``"full"`` (8 / 26 neighbours) or ``"face"`` (4 / 6 neighbours).
+        normalisation: ``"sample"`` (default) or ``"batch"`` (thesis).
+        spacing: optional per-axis voxel size for anisotropic grids.
+        softmin_tau: if set, a smooth ``-tau log(exp(-S_F/tau) + exp(-S_W/tau))`` replaces ``min`` so both
+            saliencies receive gradients; ``None`` is the thesis's hard minimum.
+    Returns:
+        The JSM. It is differentiable with respect to both inputs; callers that use it as a loss weight
+        must detach it.
+    """
+    nd = spatial_dims(fixed)
+    if fixed.shape != warped.shape or fixed.shape[1] != 1:
+        raise ValueError(f"fixed {tuple(fixed.shape)} and warped {tuple(warped.shape)} must both be (B, 1, *S)")
+    f_fixed = deviatoric_features(structure_tensor(fixed, sigma, spacing), nd, distance)
+    f_warped = deviatoric_features(structure_tensor(warped, sigma, spacing), nd, distance)
+    s_fixed = local_saliency(f_fixed, connectivity)
+    s_warped = local_saliency(f_warped, connectivity)
+    if softmin_tau is None:
+        joint = torch.minimum(s_fixed, s_warped)
+    else:
+        joint = -softmin_tau * torch.logaddexp(-s_fixed / softmin_tau, -s_warped / softmin_tau)
+    d = normalise(cross_distance(f_fixed, f_warped), normalisation)
+    return normalise(joint / (1.0 + d), normalisation)

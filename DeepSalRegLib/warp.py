@@ -1,0 +1,165 @@
+"""The one displacement-field convention of DeepSalReg, and the field algebra built on it.
+
+Convention (used everywhere in the library; physical-space conversion lives only in ``geometry.py``):
+
+* A field ``u`` is a tensor of shape ``(B, nd, *S)`` with ``S = (H, W)`` in 2D or ``(D, H, W)`` in 3D.
+* It lives on the **fixed** image grid and is in **voxel units** of that grid.
+* Channel ``i`` is the displacement along array axis ``i`` (2D: channel 0 = rows/H, 1 = columns/W;
+  3D: 0 = D, 1 = H, 2 = W). For a SimpleITK image read as an array, array axes are reversed ITK
+  index axes: array axis 0 of a 3D array is ITK index k (z).
+* It maps fixed to moving (the resampling convention of ITK and Slicer's "from parent" transform):
+  the warped moving image is ``W(x) = M(x + u(x))``, and a fixed landmark ``p`` corresponds to the
+  moving point ``p + u(p)``.
+* Sampling uses ``align_corners=True`` voxel centres: voxel index ``i`` sits at normalised coordinate
+  ``2 i / (n - 1) - 1``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "identity_grid",
+    "warp",
+    "compose",
+    "resize_field",
+    "integrate_velocity",
+    "jacobian_determinant",
+    "folding_fraction",
+    "spatial_dims",
+]
+
+
+def spatial_dims(x: torch.Tensor) -> int:
+    """Number of spatial dimensions of a ``(B, C, *S)`` tensor (2 or 3)."""
+    nd = x.dim() - 2
+    if nd not in (2, 3):
+        raise ValueError(f"expected a (B, C, H, W) or (B, C, D, H, W) tensor, got shape {tuple(x.shape)}")
+    return nd
+
+
+def identity_grid(shape, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Voxel coordinates of a grid of spatial ``shape``: tensor ``(nd, *shape)``, channel i = index along axis i."""
+    axes = [torch.arange(n, device=device, dtype=dtype) for n in shape]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0)
+
+
+def _normalised_sampling_grid(field: torch.Tensor, input_shape) -> torch.Tensor:
+    """Absolute voxel positions ``x + u(x)`` as a ``grid_sample`` grid (last dim in x, y[, z] order)."""
+    nd = spatial_dims(field)
+    positions = identity_grid(field.shape[2:], field.device, field.dtype).unsqueeze(0) + field
+    scale = torch.tensor([2.0 / max(n - 1, 1) for n in input_shape], device=field.device, dtype=field.dtype)
+    positions = positions * scale.view(1, nd, *([1] * nd)) - 1.0
+    # grid_sample wants (B, *S, nd) with the last axis ordered (W, H[, D]): reverse the channels.
+    return positions.movedim(1, -1).flip(-1)
+
+
+def warp(image: torch.Tensor, field: torch.Tensor, mode: str = "linear", padding: str = "border") -> torch.Tensor:
+    """Resample ``image`` at ``x + field(x)``: returns ``W(x) = M(x + u(x))`` on the field's grid.
+
+    Args:
+        image: ``(B, C, *S_in)`` moving image (or a field to be carried along, see ``compose``).
+        field: ``(B, nd, *S)`` displacement in voxels of the image grid (``S`` may differ from ``S_in``
+            only when the caller has scaled the field accordingly; normally ``S == S_in``).
+        mode: ``"linear"`` for intensities, ``"nearest"`` for label maps.
+        padding: ``"border"`` (replicate the edge) or ``"zeros"``.
+    Returns:
+        ``(B, C, *S)`` warped image.
+    """
+    nd = spatial_dims(image)
+    if field.shape[1] != nd or field.dim() != image.dim():
+        raise ValueError(f"field of shape {tuple(field.shape)} does not fit an image of shape {tuple(image.shape)}")
+    if mode not in ("linear", "nearest"):
+        raise ValueError(f"mode must be 'linear' or 'nearest', got {mode!r}")
+    grid = _normalised_sampling_grid(field, image.shape[2:])
+    sample_mode = "bilinear" if mode == "linear" else "nearest"
+    if field.dtype != image.dtype:
+        grid = grid.to(image.dtype)
+    return F.grid_sample(image, grid, mode=sample_mode, padding_mode=padding, align_corners=True)
+
+
+def compose(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
+    """Field of ``x -> phi_outer(phi_inner(x))`` with ``phi(x) = x + u(x)``.
+
+    Warping by the result equals warping by ``outer`` first and then by ``inner``:
+    ``warp(M, compose(outer, inner)) ~= warp(warp(M, outer), inner)``.
+    """
+    return inner + warp(outer, inner, padding="border")
+
+
+def resize_field(field: torch.Tensor, size) -> torch.Tensor:
+    """Resample a field to spatial ``size`` and rescale its voxel magnitudes to the new grid.
+
+    With ``align_corners=True`` a displacement of one old voxel spans ``(n_new - 1) / (n_old - 1)`` new voxels.
+    """
+    nd = spatial_dims(field)
+    size = tuple(int(s) for s in size)
+    if tuple(field.shape[2:]) == size:
+        return field
+    mode = "bilinear" if nd == 2 else "trilinear"
+    out = F.interpolate(field, size=size, mode=mode, align_corners=True)
+    scale = torch.tensor(
+        [(n_new - 1) / max(n_old - 1, 1) for n_new, n_old in zip(size, field.shape[2:])],
+        device=field.device,
+        dtype=field.dtype,
+    )
+    return out * scale.view(1, nd, *([1] * nd))
+
+
+def integrate_velocity(velocity: torch.Tensor, steps: int = 7) -> torch.Tensor:
+    """Integrate a stationary velocity field by scaling and squaring: ``u = exp(v)`` (voxel units).
+
+    ``u <- v / 2**steps``, then ``steps`` times ``u <- u + u(x + u(x))`` (``compose(u, u)``).
+    The result is diffeomorphic when ``v`` is smooth enough.
+    """
+    if steps < 0:
+        raise ValueError("steps must be >= 0")
+    u = velocity / (2 ** steps)
+    for _ in range(steps):
+        u = compose(u, u)
+    return u
+
+
+def _central_gradient(t: torch.Tensor, axis: int) -> torch.Tensor:
+    """d t / d axis (axis counts spatial axes) with central differences inside and one-sided ones at the ends."""
+    dim = axis + 2
+    n = t.shape[dim]
+    if n < 2:
+        return torch.zeros_like(t)
+    front = t.narrow(dim, 1, 1) - t.narrow(dim, 0, 1)
+    back = t.narrow(dim, n - 1, 1) - t.narrow(dim, n - 2, 1)
+    if n == 2:
+        return torch.cat([front, back], dim=dim)
+    middle = (t.narrow(dim, 2, n - 2) - t.narrow(dim, 0, n - 2)) / 2
+    return torch.cat([front, middle, back], dim=dim)
+
+
+def jacobian_determinant(field: torch.Tensor) -> torch.Tensor:
+    """Determinant of the Jacobian of ``phi(x) = x + u(x)``: ``(B, 1, *S)``.
+
+    Computed in voxel units with central differences. Because ``u`` is expressed in voxels of the same
+    grid it is differentiated on, the determinant equals the physical one for any spacing.
+    Values <= 0 mark folding; 1 means locally volume preserving.
+    """
+    nd = spatial_dims(field)
+    jac = [[_central_gradient(field[:, i : i + 1], j) for j in range(nd)] for i in range(nd)]
+    for i in range(nd):
+        jac[i][i] = jac[i][i] + 1.0
+    if nd == 2:
+        return jac[0][0] * jac[1][1] - jac[0][1] * jac[1][0]
+    return (
+        jac[0][0] * (jac[1][1] * jac[2][2] - jac[1][2] * jac[2][1])
+        - jac[0][1] * (jac[1][0] * jac[2][2] - jac[1][2] * jac[2][0])
+        + jac[0][2] * (jac[1][0] * jac[2][1] - jac[1][1] * jac[2][0])
+    )
+
+
+def folding_fraction(field: torch.Tensor, mask: torch.Tensor | None = None) -> float:
+    """Fraction (0..1) of voxels (inside ``mask`` if given) where the Jacobian determinant is <= 0."""
+    det = jacobian_determinant(field)
+    folded = det <= 0
+    if mask is not None:
+        mask = mask.to(torch.bool).expand_as(folded)
+        total = int(mask.sum())
+        return float((folded & mask).sum()) / total if total else 0.0
+    return float(folded.float().mean())

@@ -1,0 +1,33 @@
+"""Shared pytest fixtures.
+
+Real data lives in ``../shared/data`` next to the checkout (CI has it, a user's clone does not).
+Tests that need it take the ``shared_data`` fixture and are skipped, with the reason, when it is absent.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("DEEPSALREG_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED_DATA / "README.md").is_file():
+        pytest.skip(f"real data not found at {SHARED_DATA} (set DEEPSALREG_SHARED_DATA to its folder)")
+    return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    """Keep torch deterministic-ish and polite on small CI machines."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a hard dependency of the library tests
+        yield
+        return
+    torch.manual_seed(0)
+    yield

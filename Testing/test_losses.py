@@ -1,0 +1,77 @@
+"""Similarity terms, JSM weighting and regularisers."""
+import pytest
+import torch
+
+from DeepSalRegLib.losses import (RegistrationLoss, charbonnier_similarity, gradient_magnitude_similarity,
+                                  jsm_weight, lncc_similarity, mse_similarity, negative_jacobian_penalty,
+                                  smoothness)
+from DeepSalRegLib.networks import build_model
+from DeepSalRegLib.warp import identity_grid
+
+
+def _image(shape=(48, 48)):
+    return torch.nn.functional.interpolate(torch.rand(1, 1, 12, 12), size=shape, mode="bicubic", align_corners=True)
+
+
+@pytest.mark.parametrize("term", [charbonnier_similarity, mse_similarity, lncc_similarity, gradient_magnitude_similarity])
+def test_similarities_are_minimal_for_identical_images(term):
+    a = _image()
+    b = torch.roll(a, 3, dims=3)
+    assert term(a, a) < term(a, b)
+    assert term(a, a) < 2e-3
+
+
+def test_lncc_ignores_local_affine_intensity_changes():
+    a = _image()
+    assert lncc_similarity(a, 3 * a + 2) < 1e-3
+    assert mse_similarity(a, 3 * a + 2) > 1
+
+
+def test_weighted_mean_uses_only_weighted_voxels():
+    a, b = torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 8, 8)
+    b[..., :4] = 1.0
+    w = torch.zeros(1, 1, 8, 8)
+    w[..., 4:] = 1.0
+    assert mse_similarity(a, b, w) == 0
+    assert mse_similarity(a, b) == pytest.approx(0.5)
+
+
+def test_jsm_weight_is_detached_and_floored():
+    jsm = torch.rand(1, 1, 8, 8, requires_grad=True)
+    w = jsm_weight(jsm, alpha=0.2)
+    assert not w.requires_grad and w.min() >= 0.2 and w.max() <= 1.0
+
+
+def test_regularisers_vanish_on_translations_and_bending_on_affine():
+    shape = (16, 16, 16)
+    x = identity_grid(shape).unsqueeze(0)
+    translation = torch.ones(1, 3, *shape)
+    affine = 0.1 * x.roll(1, dims=1)
+    for kind in ("diffusion", "tv", "bending"):
+        assert smoothness(translation, kind) < 2e-3
+    assert smoothness(affine, "bending") < 1e-10 < smoothness(affine, "diffusion")
+    wiggle = torch.sin(x) * 0.5
+    assert smoothness(wiggle, "bending") > 0.01
+
+
+def test_negative_jacobian_penalty_only_for_folding():
+    shape = (12, 12)
+    x = identity_grid(shape).unsqueeze(0)
+    assert negative_jacobian_penalty(0.2 * x) == 0
+    mirror = torch.zeros_like(x)
+    mirror[:, 0] = -2.0 * x[:, 0]  # phi(x) = (-x0, x1): det = -1 everywhere
+    assert negative_jacobian_penalty(mirror) == pytest.approx(1.0)
+    assert negative_jacobian_penalty(-2.0 * x) == 0  # phi(x) = -x is a rotation in 2D, not a fold
+
+
+def test_registration_loss_parts_and_modes():
+    model = build_model("modern-2d")
+    fixed, moving = _image(), torch.roll(_image(), 2, dims=2)
+    out = model(fixed, moving)
+    total, parts = RegistrationLoss(jsm_weight="coarse+refined", jacobian_weight=1.0)(out, fixed)
+    assert set(parts) == {"similarity", "smoothness", "similarity_coarse", "smoothness_coarse", "jacobian"}
+    assert total.requires_grad
+    _, none_parts = RegistrationLoss(jsm_weight="none")(out, fixed)
+    assert none_parts["similarity"] != pytest.approx(parts["similarity"])
+    with pytest.raises(ValueError):
+        RegistrationLoss(jsm_weight="everything")
