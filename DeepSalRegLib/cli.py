@@ -1,0 +1,331 @@
+"""The ``deepsalreg`` command line: register, warp, batch, demo.
+
+Exit codes: 0 success; 1 internal error (a bug: the traceback is printed); 2 bad input; 3 model or
+weights problem; 4 requested device unavailable; 5 output not writable; 6 batch finished with failed
+pairs; 130 interrupted. A user error is one line on stderr, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from .errors import DeepSalRegError, InputError
+
+EXIT_OK, EXIT_INTERNAL, EXIT_BATCH_FAILURES, EXIT_INTERRUPTED = 0, 1, 6, 130
+
+EXAMPLES = """\
+examples:
+  deepsalreg demo                                   # register the shipped sample pairs -> demo_output/
+  deepsalreg register fixed.nrrd moving.nrrd -o out/
+  deepsalreg register fixed.nii.gz moving.nii.gz -o out/ --iterations 100 --transform out/fixed_to_moving.tfm
+  deepsalreg register exhale.mha inhale.mha -o out/ --fixed-landmarks f.csv --moving-landmarks m.csv
+  deepsalreg warp moving_labels.nrrd out/transform.h5 -o labels_on_fixed.nrrd --reference fixed.nrrd --labels
+  deepsalreg batch pairs.csv -o results/            # columns: fixed,moving[,fixed_landmarks,moving_landmarks,...]
+
+The transform maps FIXED physical points to MOVING physical points (ITK resampling convention, Slicer
+"from parent"); .h5/.tfm give an ITK transform file, .nrrd/.mha/.nii.gz a displacement-field image.
+exit codes: 0 ok, 2 bad input, 3 model/weights, 4 device unavailable, 5 output not writable,
+6 batch with failed pairs, 1 internal error.
+"""
+
+
+class _Progress:
+    """Progress for humans (a tqdm bar on stderr) or for programs (``PROGRESS <0-100> <message>`` lines)."""
+
+    def __init__(self, lines: bool, quiet: bool, label: str = ""):
+        self.lines, self.quiet, self.label = lines, quiet, label
+        self.bar = None
+        self.last = -1
+
+    def __call__(self, fraction: float, message: str):
+        percent = int(round(100 * fraction))
+        if self.lines:
+            if percent != self.last or fraction >= 1.0:
+                print(f"PROGRESS {percent} {message}", flush=True)
+                self.last = percent
+            return
+        if self.quiet:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=100, desc=self.label or "registering", unit="%", file=sys.stderr,
+                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed} {postfix}", leave=False)
+        self.bar.n = percent
+        self.bar.set_postfix_str(message, refresh=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _print_result(result, outdir, paths, out=None):
+    out = out or sys.stdout
+    m, t = result.metrics, result.timings
+    print(f"model: {m['model']} on {m['device']}; working grid {'x'.join(map(str, m['working_grid']['size']))} "
+          f"at {m['working_grid']['spacing_mm'][0]} mm; refinement iterations: {m['iterations']}", file=out)
+    print(f"similarity (NCC, fixed vs moving): {m['ncc_before']:.3f} before -> {m['ncc_after']:.3f} after; "
+          f"folding {100 * m['folding_fraction']:.3f} % of voxels; SD log|J| {m['sd_log_jacobian']:.3f}", file=out)
+    if result.tre is not None:
+        print(f"landmark error (mean TRE): {m['tre_before_mm']:.2f} mm before -> {m['tre_after_mm']:.2f} mm after "
+              f"({len(result.tre['after'])} landmarks)", file=out)
+    steps = ", ".join(f"{k} {v:.2f} s" for k, v in t.items() if k != "total")
+    print(f"time: {t['total']:.2f} s ({steps})", file=out)
+    print(f"results in {outdir}: " + ", ".join(sorted(Path(p).name for p in paths.values())), file=out)
+
+
+def _register_one(args, fixed, moving, outdir, fixed_landmarks=None, moving_landmarks=None, fixed_mask=None,
+                  moving_mask=None, label="", transform_file=None, report_file=None):
+    from . import io
+    from .registration import register
+
+    inputs = [p for p in (fixed, moving, fixed_landmarks, moving_landmarks, fixed_mask, moving_mask) if p]
+    if transform_file:
+        io.check_output_path(transform_file, inputs)
+    progress = _Progress(args.progress_lines, args.quiet, label)
+    try:
+        result = register(fixed, moving, model=args.model, device=args.device, iterations=args.iterations,
+                          fixed_mask=fixed_mask, moving_mask=moving_mask, fixed_landmarks=fixed_landmarks,
+                          moving_landmarks=moving_landmarks, progress=progress, max_voxels=args.max_voxels)
+    finally:
+        progress.close()
+    t0 = time.perf_counter()
+    paths = result.save(outdir, report=not args.no_report, inputs=inputs)
+    if report_file:
+        from .report import write_report
+
+        paths["report"] = write_report(result, io.check_output_path(report_file, inputs))
+    if transform_file:
+        paths["transform"] = io.write_transform(result.displacement, transform_file)
+    result.timings["write"] = time.perf_counter() - t0
+    return result, paths
+
+
+def cmd_register(args):
+    result, paths = _register_one(args, args.fixed, args.moving, Path(args.output), args.fixed_landmarks,
+                                  args.moving_landmarks, args.fixed_mask, args.moving_mask,
+                                  transform_file=args.transform, report_file=args.report)
+    _print_result(result, args.output, paths)
+    return EXIT_OK
+
+
+def cmd_warp(args):
+    import SimpleITK as sitk
+
+    from . import geometry, io
+
+    image = io.read_label_image(args.image, "image") if args.labels else io.read_image(args.image, "image")
+    transform = io.read_transform(args.transform)
+    if args.reference:
+        reference = io.read_image(args.reference, "reference image")
+    else:
+        field = None
+        inner = transform
+        if isinstance(transform, sitk.CompositeTransform) and transform.GetNumberOfTransforms() == 1:
+            inner = transform.GetNthTransform(0)
+        if hasattr(inner, "GetDisplacementField"):
+            field = inner.GetDisplacementField()
+        if field is None or field.GetNumberOfPixels() == 0:
+            raise InputError("this transform has no grid of its own; give --reference (the fixed image).")
+        reference = field
+    if image.GetDimension() != transform.GetDimension():
+        raise InputError(f"the image is {image.GetDimension()}D but the transform is {transform.GetDimension()}D.")
+    io.check_output_path(args.output, [args.image, args.transform, args.reference])
+    out = geometry.resample_onto(image, reference, labels=args.labels, transform=transform)
+    io.write_image(out, args.output)
+    print(f"wrote {args.output} ({'nearest' if args.labels else 'linear'} interpolation, "
+          f"{'x'.join(map(str, reference.GetSize()))} grid)")
+    return EXIT_OK
+
+
+BATCH_COLUMNS = ("fixed", "moving", "fixed_landmarks", "moving_landmarks", "fixed_mask", "moving_mask", "name")
+
+
+def _read_pairs(path: Path):
+    if not path.is_file():
+        raise InputError(f"pairs file not found: {path}")
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or not {"fixed", "moving"} <= set(rows[0]):
+        raise InputError(f"{path} needs a header with at least the columns fixed,moving (optional: "
+                         f"{', '.join(BATCH_COLUMNS[2:])})")
+    pairs = []
+    for i, row in enumerate(rows):
+        entry = {}
+        for key in BATCH_COLUMNS:
+            value = (row.get(key) or "").strip()
+            if value and key != "name" and not Path(value).is_absolute():
+                value = str(path.parent / value)
+            entry[key] = value or None
+        entry["name"] = entry["name"] or f"pair{i:03d}_{Path(entry['moving'] or 'x').name.split('.')[0]}"
+        pairs.append(entry)
+    return pairs
+
+
+def cmd_batch(args):
+    from . import io
+
+    pairs = _read_pairs(Path(args.pairs))
+    outdir = Path(args.output)
+    summary = []
+    failed = 0
+    for i, pair in enumerate(pairs):
+        label = f"[{i + 1}/{len(pairs)}] {pair['name']}"
+        row = dict(name=pair["name"], fixed=pair["fixed"], moving=pair["moving"], status="ok", error="")
+        try:
+            result, _ = _register_one(args, pair["fixed"], pair["moving"], outdir / pair["name"],
+                                      pair["fixed_landmarks"], pair["moving_landmarks"], pair["fixed_mask"],
+                                      pair["moving_mask"], label=label)
+            m = result.metrics
+            row.update(ncc_before=f"{m['ncc_before']:.4f}", ncc_after=f"{m['ncc_after']:.4f}",
+                       folding_percent=f"{100 * m['folding_fraction']:.4f}", time_s=f"{result.timings['total']:.2f}",
+                       tre_before_mm=f"{m.get('tre_before_mm', float('nan')):.3f}",
+                       tre_after_mm=f"{m.get('tre_after_mm', float('nan')):.3f}")
+            print(f"{label}: ok, NCC {m['ncc_before']:.3f} -> {m['ncc_after']:.3f}, {result.timings['total']:.1f} s"
+                  + (f", TRE {m['tre_before_mm']:.2f} -> {m['tre_after_mm']:.2f} mm" if result.tre is not None else ""))
+        except DeepSalRegError as exc:
+            failed += 1
+            row.update(status="failed", error=str(exc))
+            print(f"{label}: FAILED, skipped: {exc}", file=sys.stderr)
+        summary.append(row)
+    columns = ["name", "status", "fixed", "moving", "ncc_before", "ncc_after", "tre_before_mm", "tre_after_mm",
+               "folding_percent", "time_s", "error"]
+    lines = [",".join(columns)]
+    for row in summary:
+        lines.append(",".join('"' + str(row.get(c, "")).replace('"', "'") + '"' for c in columns))
+    summary_path = io.check_output_path(outdir / "summary.csv", [args.pairs])
+    io._write_atomically(summary_path, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"), "summary")
+    print(f"{len(pairs) - failed} of {len(pairs)} pairs registered; summary in {summary_path}")
+    return EXIT_BATCH_FAILURES if failed else EXIT_OK
+
+
+def cmd_demo(args):
+    from . import models
+    from .sample_data import SAMPLE_PAIRS
+
+    outdir = Path(args.output)
+    shipped = models.registry()
+    kinds = ["2d", "3d"] if args.which == "both" else [args.which]
+    for kind in kinds:
+        fixed, moving = SAMPLE_PAIRS[kind]
+        name = f"default-{kind}"
+        if args.model == "default":
+            if name in shipped:
+                print(f"== {kind.upper()} demo: {fixed.name} (fixed) <- {moving.name} (moving), shipped model "
+                      f"{name} ({shipped[name].get('description', '')}), {args.iterations} refinement iterations")
+            else:
+                print(f"== {kind.upper()} demo: no trained {name} model is shipped in this version; "
+                      f"using instance optimisation only ({args.iterations or 100} iterations)")
+        result, paths = _register_one(args, str(fixed), str(moving), outdir / kind, label=f"{kind} demo")
+        _print_result(result, outdir / kind, paths)
+    print(f"open {outdir}/2d/report.png and {outdir}/3d/report.png to see the results" if len(kinds) == 2 else
+          f"open {outdir}/{kinds[0]}/report.png to see the result")
+    return EXIT_OK
+
+
+def _add_common(p):
+    p.add_argument("--model", default="default",
+                   help="shipped model name (default picks default-2d/default-3d), a .pt checkpoint, or 'none' "
+                        "(instance optimisation only)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to compute (default: auto)")
+    p.add_argument("--iterations", type=int, default=None, metavar="N",
+                   help="instance-optimisation steps after the network: 0 = network only (fastest), "
+                        "50-200 = most accurate")
+    p.add_argument("--max-voxels", type=int, default=None, metavar="N",
+                   help="working-grid voxel budget; larger images are registered on a coarser grid")
+    p.add_argument("--no-report", action="store_true", help="do not write report.png")
+    p.add_argument("--progress-lines", action="store_true",
+                   help="print 'PROGRESS <0-100> <message>' lines on stdout instead of a progress bar")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="deepsalreg", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+        description="Deformable registration with a global-to-local network and a joint saliency map, "
+                    "in 2D and 3D, in physical space.")
+    parser.add_argument("--version", action="version", version=f"deepsalreg {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("register", help="register MOVING to FIXED and write the transform and results",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
+    p.add_argument("fixed", help="fixed image (NRRD, NIfTI, MHA, PNG/JPEG or a DICOM folder)")
+    p.add_argument("moving", help="moving image")
+    p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="folder for the results")
+    p.add_argument("--transform", metavar="FILE", help="also write the transform here (.h5/.tfm or .nrrd/.mha/.nii.gz)")
+    p.add_argument("--fixed-landmarks", metavar="F", help="fixed landmarks (.csv LPS mm, .fcsv, .mrk.json)")
+    p.add_argument("--moving-landmarks", metavar="M", help="moving landmarks, row i matching row i of the fixed ones")
+    p.add_argument("--fixed-mask", metavar="F", help="fixed mask (nonzero = use)")
+    p.add_argument("--moving-mask", metavar="M", help="moving mask (nonzero = use)")
+    p.add_argument("--report", metavar="PNG", help="also write the report picture here")
+    _add_common(p)
+    p.set_defaults(func=cmd_register)
+
+    p = sub.add_parser("warp", help="apply a transform file to an image (resample it onto the fixed grid)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
+    p.add_argument("image", help="image to warp (on the moving side)")
+    p.add_argument("transform", help="transform file written by 'register' (or any ITK fixed->moving transform)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output image file")
+    p.add_argument("--reference", metavar="REF", help="grid of the output (default: the displacement field's grid)")
+    p.add_argument("--labels", action="store_true", help="label map: nearest-neighbour, keep the label values")
+    p.set_defaults(func=cmd_warp)
+
+    p = sub.add_parser("batch", help="register many pairs listed in a CSV; a failed pair is reported and skipped",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
+    p.add_argument("pairs", help="CSV with columns fixed,moving[,fixed_landmarks,moving_landmarks,fixed_mask,"
+                                 "moving_mask,name]; relative paths are relative to the CSV")
+    p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="one sub-folder per pair + summary.csv")
+    _add_common(p)
+    p.set_defaults(func=cmd_batch)
+
+    p = sub.add_parser("demo", help="register the shipped 2D and 3D sample pairs and write reports")
+    p.add_argument("-o", "--output", default="demo_output", metavar="OUTDIR", help="default: demo_output")
+    p.add_argument("--which", default="both", choices=["2d", "3d", "both"])
+    _add_common(p)
+    p.set_defaults(func=cmd_demo, iterations=50)
+    return parser
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None):
+    print(f"deepsalreg: warning: {message}", file=sys.stderr)
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if getattr(args, "iterations", 0) is None:
+        args.iterations = 0
+    if getattr(args, "iterations", 0) < 0:
+        parser.error("--iterations must be >= 0")
+    warnings.showwarning = _warning_line
+    try:
+        return args.func(args)
+    except DeepSalRegError as exc:
+        print(f"deepsalreg: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("deepsalreg: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except MemoryError:
+        print("deepsalreg: error: out of memory; try a smaller --max-voxels or --device cpu", file=sys.stderr)
+        return 3
+    except RuntimeError as exc:
+        if "out of memory" in str(exc).lower():
+            print("deepsalreg: error: the device ran out of memory; try a smaller --max-voxels or --device cpu",
+                  file=sys.stderr)
+            return 3
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,328 @@
+"""``register()``: one call from two images (files or SimpleITK images) to standard, physical results.
+
+Pipeline (each step's time is recorded in ``RegistrationResult.timings``)::
+
+    read -> working grid (fixed extent, near-isotropic, multiple of the network's stride)
+         -> resample both onto it, normalise intensities -> network (coarse field, JSM, refined field)
+         -> [instance optimisation] -> physical displacement field on the FIXED image grid
+         -> ITK DisplacementFieldTransform (fixed -> moving, LPS mm) -> warped moving, saliency, Jacobian
+
+The transform maps FIXED physical points to MOVING physical points (ITK's resampling convention, Slicer's
+"from parent"): ``sitk.Resample(moving, fixed, result.transform)`` reproduces ``result.warped``, and a fixed
+landmark ``p`` corresponds to the moving point ``result.transform.TransformPoint(p)``.
+"""
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from dataclasses import dataclass, field as dataclass_field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import SimpleITK as sitk
+
+from . import geometry, io
+from .errors import DeviceError, InputError
+
+__all__ = ["register", "RegistrationResult", "resolve_device", "DEFAULT_MAX_VOXELS"]
+
+#: Working-grid voxel budget per dimension (larger inputs are resampled more coarsely, with a warning).
+DEFAULT_MAX_VOXELS = {2: 1024 * 1024, 3: 160 * 160 * 160}
+
+ProgressCallback = Callable[[float, str], None]
+
+
+def resolve_device(device: str = "auto"):
+    """``"auto"`` -> CUDA if usable else CPU; ``"cuda"`` without a GPU raises ``DeviceError``."""
+    import torch
+
+    device = (device or "auto").lower()
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device in ("gpu", "cuda") or device.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise DeviceError("--device cuda was asked for but no CUDA GPU is available here; use --device cpu or auto.")
+        return torch.device("cuda" if device == "gpu" else device)
+    if device == "cpu":
+        return torch.device("cpu")
+    raise DeviceError(f"unknown device {device!r}; use auto, cpu or cuda.")
+
+
+@dataclass
+class RegistrationResult:
+    """Everything one registration produced, in physical space on the fixed image grid.
+
+    Attributes:
+        fixed, moving: the input images as read (scalar float32).
+        displacement: vector image (float64, LPS mm) on the fixed grid; fixed point ``p`` -> ``p + d(p)``.
+        transform: ``sitk.DisplacementFieldTransform`` of that field (fixed -> moving).
+        warped: the moving image resampled onto the fixed grid through ``transform``.
+        saliency: joint saliency map of fixed and warped (0..1) on the fixed grid.
+        jacobian: Jacobian determinant of ``p -> T(p)`` on the fixed grid (<= 0 means folding).
+        timings: seconds per step (``read``, ``resample``, ``network``, ``optimise``, ``export``, ``total``).
+        metrics: similarity before/after, folding fraction, SD of log-Jacobian, grid and model facts.
+        tre: with landmarks, ``{"before": array, "after": array}`` per-point errors in mm, else None.
+        mapped_landmarks: fixed landmarks mapped to moving space ``T(p)`` (with landmarks), else None.
+    """
+
+    fixed: sitk.Image
+    moving: sitk.Image
+    displacement: sitk.Image
+    transform: sitk.DisplacementFieldTransform
+    warped: sitk.Image
+    saliency: sitk.Image
+    jacobian: sitk.Image
+    timings: dict = dataclass_field(default_factory=dict)
+    metrics: dict = dataclass_field(default_factory=dict)
+    tre: dict | None = None
+    mapped_landmarks: np.ndarray | None = None
+    landmark_labels: list | None = None
+
+    def summary(self) -> dict:
+        """Plain-data summary (what ``summary.json`` holds)."""
+        out = dict(metrics=self.metrics, timings={k: round(v, 4) for k, v in self.timings.items()})
+        if self.tre is not None:
+            out["tre_mm"] = {k: dict(mean=float(np.mean(v)), median=float(np.median(v)), max=float(np.max(v)))
+                             for k, v in self.tre.items()}
+        return out
+
+    def save(self, outdir, report: bool = True, inputs=()) -> dict:
+        """Write every result into ``outdir`` (each file atomically); returns ``{name: path}``.
+
+        Files: ``transform.h5`` (ITK transform file), ``displacement.nrrd`` (the same field as an image),
+        ``warped.nrrd``, ``saliency.nrrd``, ``jacobian.nrrd``, ``summary.json``, ``report.png`` and, with
+        landmarks, ``landmarks_mapped.{csv,fcsv,mrk.json}`` and ``tre.csv``. ``inputs`` are paths that
+        must never be overwritten.
+        """
+        outdir = Path(outdir).expanduser()
+        paths = {}
+
+        def target(name):
+            path = io.check_output_path(outdir / name, inputs)
+            paths[name] = path
+            return path
+
+        io.write_transform(self.displacement, target("transform.h5"))
+        io.write_transform(self.displacement, target("displacement.nrrd"))
+        io.write_image(self.warped, target("warped.nrrd"))
+        io.write_image(self.saliency, target("saliency.nrrd"))
+        io.write_image(self.jacobian, target("jacobian.nrrd"))
+        if self.mapped_landmarks is not None:
+            for ext in ("csv", "fcsv", "mrk.json"):
+                io.write_landmarks(self.mapped_landmarks, target(f"landmarks_mapped.{ext}"), self.landmark_labels)
+        if self.tre is not None:
+            rows = ["index,before_mm,after_mm"] + [
+                f"{i},{b:.4f},{a:.4f}" for i, (b, a) in enumerate(zip(self.tre["before"], self.tre["after"]))]
+            _write_text(target("tre.csv"), "\n".join(rows) + "\n")
+        if report:
+            from .report import write_report
+
+            write_report(self, target("report.png"))
+        _write_text(target("summary.json"), json.dumps(self.summary(), indent=2) + "\n")
+        return paths
+
+
+def _write_text(path: Path, text: str) -> Path:
+    return io._write_atomically(path, lambda tmp: Path(tmp).write_text(text), "file")
+
+
+def _ncc(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
+    if mask is not None:
+        a, b = a[mask], b[mask]
+    a = a.astype(np.float64).ravel() - a.mean()
+    b = b.astype(np.float64).ravel() - b.mean()
+    denom = np.linalg.norm(a) * np.linalg.norm(b)
+    return float(a @ b / denom) if denom > 0 else 0.0
+
+
+def _on_grid(array: np.ndarray, grid: sitk.Image) -> sitk.Image:
+    image = sitk.GetImageFromArray(np.asarray(array, dtype=np.float32))
+    image.CopyInformation(grid)
+    return image
+
+
+def _landmarks(source, name):
+    if source is None:
+        return None, None
+    if isinstance(source, (str, Path)):
+        return io.read_landmarks(source)
+    return np.atleast_2d(np.asarray(source, dtype=np.float64)), None
+
+
+def register(
+    fixed,
+    moving,
+    model: str = "default",
+    device: str = "auto",
+    iterations: int = 0,
+    fixed_mask=None,
+    moving_mask=None,
+    fixed_landmarks=None,
+    moving_landmarks=None,
+    progress: ProgressCallback | None = None,
+    max_voxels: int | None = None,
+    spacing=None,
+    use_jsm: bool = True,
+) -> RegistrationResult:
+    """Register ``moving`` to ``fixed``; returns physical-space results on the fixed grid.
+
+    Args:
+        fixed, moving: file paths (NRRD, NIfTI, MHA, PNG/JPEG, DICOM folder) or ``sitk.Image``. 2D or 3D
+            (a one-slice volume counts as 2D); colour pictures become grey. Sizes, spacings, origins and
+            directions may differ: both are resampled through physical space.
+        model: a shipped model name (``"default"`` picks ``default-2d``/``default-3d``), a checkpoint path,
+            or ``"none"`` (no network: instance optimisation from the identity).
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        iterations: instance-optimisation steps after the network (0 = network only, the fast default;
+            50-200 give classic-method accuracy).
+        fixed_mask, moving_mask: optional label images/paths; the refinement's similarity counts only inside.
+        fixed_landmarks, moving_landmarks: optional landmark files (CSV LPS, .fcsv, .mrk.json) or ``(N, nd)``
+            arrays of physical LPS points; with both, the TRE before and after is reported.
+        progress: ``progress(fraction 0..1, message)`` callback.
+        max_voxels: working-grid voxel budget (default ``DEFAULT_MAX_VOXELS``); larger inputs are
+            registered on a coarser grid (with a warning) and the field is interpolated back.
+        spacing: working-grid spacing in mm (default: isotropic at the fixed image's finest spacing).
+        use_jsm: weight the refinement's similarity by the joint saliency map (False = ablation).
+    """
+    import torch
+
+    from . import models
+    from .optimise import instance_optimise
+    from .saliency import joint_saliency_map
+    from .warp import folding_fraction, jacobian_determinant
+
+    def report(fraction, message):
+        if progress is not None:
+            progress(min(1.0, max(0.0, fraction)), message)
+
+    timings = {}
+    t_start = t = time.perf_counter()
+
+    def lap(name):
+        nonlocal t
+        now = time.perf_counter()
+        timings[name] = timings.get(name, 0.0) + now - t
+        t = now
+
+    if iterations is None or int(iterations) < 0:
+        raise InputError(f"iterations must be a non-negative integer, got {iterations}.")
+    iterations = int(iterations)
+    report(0.0, "reading images")
+    fixed_img = io.read_image(fixed, "fixed image")
+    moving_img = io.read_image(moving, "moving image")
+    nd = fixed_img.GetDimension()
+    if moving_img.GetDimension() != nd:
+        raise InputError(f"The fixed image is {nd}D but the moving image is {moving_img.GetDimension()}D; "
+                         "register images of the same dimension.")
+    fmask_img = io.read_label_image(fixed_mask, "fixed mask") if fixed_mask is not None else None
+    mmask_img = io.read_label_image(moving_mask, "moving mask") if moving_mask is not None else None
+    for mask, name in ((fmask_img, "fixed mask"), (mmask_img, "moving mask")):
+        if mask is not None and mask.GetDimension() != nd:
+            raise InputError(f"The {name} is {mask.GetDimension()}D but the images are {nd}D.")
+    fixed_pts, labels = _landmarks(fixed_landmarks, "fixed landmarks")
+    moving_pts, _ = _landmarks(moving_landmarks, "moving landmarks")
+    if (fixed_pts is None) != (moving_pts is None):
+        raise InputError("Give both fixed and moving landmarks (or neither) to measure the registration error.")
+    if fixed_pts is not None and (fixed_pts.shape != moving_pts.shape or fixed_pts.shape[1] != nd):
+        raise InputError(f"Landmarks do not pair up with {nd}D images: fixed {fixed_pts.shape}, moving {moving_pts.shape}.")
+    torch_device = resolve_device(device)
+    lap("read")
+
+    report(0.03, "loading model")
+    if model == "none":
+        net, model_name = None, "none (instance optimisation only)"
+        multiple = 8
+    else:
+        if model == "default" and f"default-{nd}d" not in models.registry():
+            warnings.warn(f"no trained default-{nd}d model is shipped yet; using instance optimisation only")
+            net, model_name, multiple = None, "none (no shipped default model)", 8
+            iterations = iterations or 100
+        else:
+            net, _, model_name = models.load(model, nd, torch_device)
+            multiple = net.multiple
+    lap("model")
+
+    report(0.06, "resampling onto the working grid")
+    budget = max_voxels or DEFAULT_MAX_VOXELS[nd]
+    grid = geometry.make_working_grid(fixed_img, multiple=multiple, max_voxels=budget, spacing=spacing)
+    natural = geometry.make_working_grid(fixed_img, multiple=multiple, spacing=spacing)
+    if grid.GetSpacing()[0] > natural.GetSpacing()[0] * 1.001:
+        warnings.warn(f"the fixed image is large: registering on a {grid.GetSpacing()[0]:.2f} mm grid "
+                      f"({'x'.join(map(str, grid.GetSize()))}) instead of {natural.GetSpacing()[0]:.2f} mm to stay "
+                      f"within {budget} voxels; raise max_voxels for more detail")
+    f_arr = sitk.GetArrayFromImage(geometry.resample_onto(fixed_img, grid))
+    m_arr = sitk.GetArrayFromImage(geometry.resample_onto(moving_img, grid))
+    inside_fixed = sitk.GetArrayFromImage(geometry.resample_onto(sitk.Cast(fixed_img * 0 + 1, sitk.sitkUInt8), grid, labels=True)) > 0
+    f_mask = m_mask = None
+    if fmask_img is not None:
+        f_mask = sitk.GetArrayFromImage(geometry.resample_onto(fmask_img, grid, labels=True)) > 0
+    if mmask_img is not None:
+        m_mask = sitk.GetArrayFromImage(geometry.resample_onto(mmask_img, grid, labels=True)) > 0
+    f_norm = geometry.normalise_intensity(f_arr, f_mask if f_mask is not None else inside_fixed)
+    m_norm = geometry.normalise_intensity(m_arr, m_mask)
+
+    def tensor(a):
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))[None, None].to(torch_device)
+
+    f_t, m_t = tensor(f_norm), tensor(m_norm)
+    lap("resample")
+
+    report(0.1, f"network ({model_name})")
+    with torch.no_grad():
+        if net is not None:
+            flow = net(f_t, m_t)["flow"]
+        else:
+            flow = torch.zeros(1, nd, *f_t.shape[2:], device=torch_device)
+    lap("network")
+
+    if iterations > 0:
+        report(0.15, f"refining ({iterations} iterations)")
+        flow = instance_optimise(
+            f_t, m_t, flow, iterations,
+            fixed_mask=tensor(f_mask) if f_mask is not None else None,
+            moving_mask=tensor(m_mask) if m_mask is not None else None,
+            use_jsm=use_jsm,
+            progress=lambda frac, msg: report(0.15 + 0.75 * frac, msg),
+        )
+    lap("optimise")
+
+    report(0.9, "exporting the transform")
+    from .warp import warp
+
+    with torch.no_grad():
+        warped_t = warp(m_t, flow)
+        jsm = joint_saliency_map(f_t, warped_t)[0, 0].cpu().numpy()
+        det = jacobian_determinant(flow)[0, 0].cpu().numpy()
+        folding = folding_fraction(flow, tensor(inside_fixed))
+    u = flow[0].cpu().numpy()
+    d_work = geometry.voxel_field_to_physical(u, grid)
+    disp = geometry.resample_displacement(geometry.displacement_image(d_work, grid), fixed_img)
+    transform = geometry.displacement_transform(disp)
+    warped = geometry.resample_onto(moving_img, fixed_img, transform=transform)
+    saliency = geometry.resample_onto(_on_grid(jsm, grid), fixed_img)
+    jacobian = geometry.resample_onto(_on_grid(det, grid), fixed_img, default=1.0)
+    w_norm = warped_t[0, 0].cpu().numpy()
+    region = inside_fixed if f_mask is None else f_mask
+    log_det = np.log(np.clip(det[region], 1e-6, None))
+    metrics = dict(
+        model=model_name, device=str(torch_device), dimension=nd, iterations=iterations,
+        working_grid=dict(size=list(grid.GetSize()), spacing_mm=[round(s, 4) for s in grid.GetSpacing()]),
+        ncc_before=_ncc(f_norm, m_norm, region), ncc_after=_ncc(f_norm, w_norm, region),
+        folding_fraction=folding, sd_log_jacobian=float(np.std(log_det)),
+        max_displacement_mm=float(np.sqrt((d_work ** 2).sum(-1)).max()),
+    )
+    tre = mapped = None
+    if fixed_pts is not None:
+        mapped = io.transform_points(transform, fixed_pts)
+        tre = dict(before=io.target_registration_error(None, fixed_pts, moving_pts),
+                   after=io.target_registration_error(transform, fixed_pts, moving_pts))
+        metrics["tre_before_mm"] = float(np.mean(tre["before"]))
+        metrics["tre_after_mm"] = float(np.mean(tre["after"]))
+    lap("export")
+    timings["total"] = time.perf_counter() - t_start
+    report(1.0, "done")
+    return RegistrationResult(fixed=fixed_img, moving=moving_img, displacement=disp, transform=transform,
+                              warped=warped, saliency=saliency, jacobian=jacobian, timings=timings,
+                              metrics=metrics, tre=tre, mapped_landmarks=mapped, landmark_labels=labels)

@@ -1,0 +1,198 @@
+"""The deepsalreg command line as a user runs it: results, exit codes, one-line errors, untouched inputs."""
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from DeepSalRegLib import cli, models
+from DeepSalRegLib.networks import build_model, save_checkpoint
+
+
+def _blob_image(shape, centre_shift=0.0, spacing=None):
+    grids = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij")
+    c = [n / 2 + centre_shift for n in shape]
+    r2 = sum((g - ci) ** 2 for g, ci in zip(grids, c))
+    arr = 100 * np.exp(-r2 / (2 * (min(shape) / 6) ** 2)) + 30 * (r2 < (min(shape) / 3) ** 2)
+    img = sitk.GetImageFromArray(arr.astype(np.float32))
+    if spacing:
+        img.SetSpacing(spacing)
+    return img
+
+
+@pytest.fixture()
+def pair2d(tmp_path):
+    f, m = tmp_path / "fixed.nrrd", tmp_path / "moving.nrrd"
+    sitk.WriteImage(_blob_image((40, 44)), str(f))
+    sitk.WriteImage(_blob_image((40, 44), 2.0), str(m))
+    return f, m
+
+
+def _digest(paths):
+    return {p: hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in paths}
+
+
+def _run(argv, capsys):
+    code = cli.main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_register_writes_every_result_and_keeps_inputs(pair2d, tmp_path, capsys):
+    f, m = pair2d
+    before = _digest([f, m])
+    out = tmp_path / "out"
+    code, stdout, _ = _run(["register", f, m, "-o", out, "--model", "none", "--iterations", "20", "-q",
+                            "--transform", tmp_path / "t.tfm", "--no-report"], capsys)
+    assert code == 0, stdout
+    for name in ("transform.h5", "displacement.nrrd", "warped.nrrd", "saliency.nrrd", "jacobian.nrrd", "summary.json"):
+        assert (out / name).is_file(), name
+    assert (tmp_path / "t.tfm").is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["metrics"]["ncc_after"] > summary["metrics"]["ncc_before"]
+    assert "similarity (NCC" in stdout and "time:" in stdout
+    assert _digest([f, m]) == before
+    assert not list(out.glob(".*tmp*"))  # no half-written files left behind
+    # the .tfm and the .h5 move points the same way
+    a, b = sitk.ReadTransform(str(out / "transform.h5")), sitk.ReadTransform(str(tmp_path / "t.tfm"))
+    for p in [(10.0, 12.0), (20.5, 30.2)]:
+        assert np.allclose(a.TransformPoint(p), b.TransformPoint(p), atol=1e-6)
+
+
+def test_warp_command_reproduces_the_warped_image(pair2d, tmp_path, capsys):
+    f, m = pair2d
+    out = tmp_path / "out"
+    assert _run(["register", f, m, "-o", out, "--model", "none", "--iterations", "10", "-q", "--no-report"], capsys)[0] == 0
+    code, _, err = _run(["warp", m, out / "transform.h5", "-o", tmp_path / "w.nrrd"], capsys)
+    assert code == 0, err
+    ours = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "w.nrrd")))
+    theirs = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "warped.nrrd")))
+    assert np.allclose(ours, theirs, atol=1e-3)
+    labels = tmp_path / "labels.nrrd"
+    sitk.WriteImage(sitk.Cast(sitk.ReadImage(str(m)) > 50, sitk.sitkUInt8) * 3, str(labels))
+    code, _, _ = _run(["warp", labels, out / "displacement.nrrd", "-o", tmp_path / "wl.nrrd", "--labels",
+                       "--reference", f], capsys)
+    assert code == 0
+    assert set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "wl.nrrd"))))) <= {0, 3}
+
+
+def test_batch_reports_and_skips_a_failed_pair(pair2d, tmp_path, capsys):
+    f, m = pair2d
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text(f"fixed,moving\n{f.name},{m.name}\n{f.name},missing.nrrd\n")
+    code, stdout, err = _run(["batch", pairs, "-o", tmp_path / "b", "--model", "none", "--iterations", "5", "-q",
+                              "--no-report"], capsys)
+    assert code == cli.EXIT_BATCH_FAILURES
+    assert "FAILED" in err and "missing.nrrd" in err
+    rows = (tmp_path / "b" / "summary.csv").read_text().splitlines()
+    assert len(rows) == 3 and '"ok"' in rows[1] and '"failed"' in rows[2]
+
+
+def test_progress_lines_for_programs(pair2d, tmp_path, capsys):
+    f, m = pair2d
+    code, stdout, _ = _run(["register", f, m, "-o", tmp_path / "o", "--model", "none", "--iterations", "10",
+                            "--progress-lines", "--no-report"], capsys)
+    lines = [l for l in stdout.splitlines() if l.startswith("PROGRESS ")]
+    values = [int(l.split()[1]) for l in lines]
+    assert code == 0 and values[0] == 0 and values[-1] == 100 and values == sorted(values)
+
+
+def _write(tmp_path, name, image):
+    path = tmp_path / name
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+@pytest.mark.parametrize("case,expected_code,message", [
+    ("missing", 2, "does not exist"),
+    ("4d", 2, "4D"),
+    ("constant", 2, "constant"),
+    ("nan", 2, "NaN"),
+    ("2d3d", 2, "2D but the moving image is 3D"),
+    ("cuda", 4, "cuda"),
+    ("unwritable", 5, ""),
+    ("overwrite_input", 5, "input"),
+    ("corrupt_model", 3, "cannot read model"),
+    ("unknown_model", 3, "unknown model"),
+])
+def test_bad_input_gives_one_line_and_exit_code(case, expected_code, message, pair2d, tmp_path, capsys, monkeypatch):
+    f, m = pair2d
+    out = tmp_path / "out"
+    extra = ["--model", "none"]
+    if case == "missing":
+        m = tmp_path / "nope.nrrd"
+    elif case == "4d":
+        m = _write(tmp_path, "4d.nrrd", sitk.JoinSeries([sitk.Image([4, 5, 6], sitk.sitkFloat32)] * 3))
+    elif case == "constant":
+        m = _write(tmp_path, "const.nrrd", sitk.Image([40, 44], sitk.sitkFloat32) + 7)
+    elif case == "nan":
+        arr = sitk.GetArrayFromImage(sitk.ReadImage(str(m)))
+        arr[3, 3] = np.nan
+        m = _write(tmp_path, "nan.nrrd", sitk.GetImageFromArray(arr))
+    elif case == "2d3d":
+        m = _write(tmp_path, "vol.nrrd", _blob_image((12, 14, 16)))
+    elif case == "cuda":
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has a GPU")
+        extra += ["--device", "cuda"]
+    elif case == "unwritable":
+        blocker = tmp_path / "file"
+        blocker.write_text("x")
+        out = blocker / "sub"
+    elif case == "overwrite_input":
+        extra += ["--transform", str(f)]
+    elif case == "corrupt_model":
+        junk = tmp_path / "junk.pt"
+        junk.write_bytes(b"\x00garbage")
+        extra = ["--model", str(junk)]
+    elif case == "unknown_model":
+        extra = ["--model", "resnet-9000"]
+    before = _digest([p for p in (f,) if Path(p).exists()])
+    code, _, err = _run(["register", f, m, "-o", out, "--iterations", "2", "-q", "--no-report", *extra], capsys)
+    assert code == expected_code, err
+    lines = [l for l in err.strip().splitlines() if not l.startswith("deepsalreg: warning")]
+    assert len(lines) == 1 and lines[0].startswith("deepsalreg: error:"), err
+    assert message.lower() in lines[0].lower()
+    assert "Traceback" not in err
+    assert _digest([f]) == before
+
+
+def test_shipped_weights_are_verified(tmp_path, monkeypatch, pair2d, capsys):
+    """A registry entry whose file does not match its sha256 is refused (exit 3), not loaded."""
+    weights = save_checkpoint(tmp_path / "m.pt", build_model("modern-2d"))
+    (tmp_path / "registry.json").write_text(json.dumps(
+        {"default-2d": {"file": "m.pt", "sha256": "0" * 64, "ndim": 2}}))
+    monkeypatch.setattr(models, "MODELS_DIR", tmp_path)
+    monkeypatch.setattr(models, "REGISTRY_FILE", tmp_path / "registry.json")
+    f, m = pair2d
+    code, _, err = _run(["register", f, m, "-o", tmp_path / "o", "-q", "--no-report"], capsys)
+    assert code == 3 and "sha256" in err
+    # with the right checksum the same file is used
+    from DeepSalRegLib.networks import file_sha256
+
+    (tmp_path / "registry.json").write_text(json.dumps(
+        {"default-2d": {"file": "m.pt", "sha256": file_sha256(weights), "ndim": 2}}))
+    code, stdout, err = _run(["register", f, m, "-o", tmp_path / "o", "-q", "--no-report"], capsys)
+    assert code == 0 and "default-2d" in stdout
+
+
+def test_large_volume_is_downsampled_with_a_warning(tmp_path, capsys):
+    f = _write(tmp_path, "f.nrrd", _blob_image((40, 40, 40)))
+    m = _write(tmp_path, "m.nrrd", _blob_image((40, 40, 40), 1.5))
+    code, stdout, err = _run(["register", f, m, "-o", tmp_path / "o", "--model", "none", "--iterations", "4",
+                              "--max-voxels", str(16 ** 3), "-q", "--no-report"], capsys)
+    assert code == 0, err
+    assert "warning" in err and "coarser" not in err.lower() or "grid" in err
+    assert sitk.ReadImage(str(tmp_path / "o" / "warped.nrrd")).GetSize() == (40, 40, 40)
+
+
+def test_console_script_help_has_examples():
+    out = subprocess.run([sys.executable, "-m", "DeepSalRegLib.cli", "register", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    assert "examples:" in out and "--iterations" in out and "exit codes" in out
