@@ -1,0 +1,192 @@
+"""Register many image pairs with DeepSalReg in a headless 3D Slicer.
+
+Usage::
+
+    Slicer --no-main-window --python-script batch_register.py -- pairs.csv outdir [--model default]
+           [--device auto|cpu|cuda] [--iterations 0]
+
+``pairs.csv`` has a header row with the columns ``fixed`` and ``moving`` and, optionally,
+``fixed_landmarks``, ``moving_landmarks`` (CSV/.fcsv/.mrk.json, corresponding row by row) and ``name``.
+Relative paths are relative to the folder of ``pairs.csv`` (the format of ``deepsalreg batch``).
+
+Each pair is loaded into the scene (volumes with their geometry, landmarks as point lists), registered in
+this process with the library, and its results are saved by the library into ``outdir/<name>/``:
+``transform.h5`` and ``displacement.nrrd`` (fixed -> moving, LPS), ``warped.nrrd``, ``saliency.nrrd``,
+``jacobian.nrrd``, ``summary.json``, ``report.png`` and, with landmarks, ``tre.csv``. ``outdir/summary.csv``
+gets one row per pair as soon as it is done. A pair that fails is reported on stderr, recorded with status
+``failed`` and its error, and skipped.
+
+Exit code: 0 when every pair succeeded, 1 when at least one failed, 2 when the batch could not start
+(bad arguments, unreadable pair list, PyTorch missing).
+
+Outside the Slicer application (Python with the ``slicer-core`` wheel, as the tests run it) the script makes
+its own MRML scene.
+"""
+import argparse
+import csv
+import sys
+import time
+import traceback
+from pathlib import Path
+
+SUMMARY_COLUMNS = ["name", "status", "seconds", "tre_before_mm", "tre_after_mm", "fixed", "moving", "output", "error"]
+
+
+def library():
+    """``DeepSalRegLib.slicer_glue``, found next to this script's folder (installed extension:
+    ``qt-scripted-modules/``) or two folders up (source checkout: the repository root) when not importable."""
+    try:
+        import DeepSalRegLib  # noqa: F401
+    except ImportError:
+        here = Path(__file__).resolve()
+        for folder in (here.parents[1], here.parents[2]):
+            if (folder / "DeepSalRegLib" / "__init__.py").is_file():
+                sys.path.insert(0, str(folder))
+                break
+    from DeepSalRegLib import slicer_glue
+
+    return slicer_glue
+
+
+def parse_arguments(argv):
+    argv = list(argv)
+    if argv and argv[0] == "--":  # Slicer may pass the separator through
+        argv = argv[1:]
+    parser = argparse.ArgumentParser(
+        prog="batch_register.py",
+        description="Register the pairs listed in a CSV file with DeepSalReg and write a summary CSV.",
+    )
+    parser.add_argument("pairs", type=Path, help="CSV file with columns fixed, moving[, fixed_landmarks, moving_landmarks, name]")
+    parser.add_argument("outdir", type=Path, help="output folder (one subfolder per pair, plus summary.csv)")
+    parser.add_argument("--model", default="default", help="model name or model file (default: %(default)s)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--iterations", type=int, default=0, help="test-time refinement steps (default: %(default)s)")
+    return parser.parse_args(argv)
+
+
+def read_pairs(path: Path) -> list:
+    """Rows of the pair list with absolute paths and a unique ``name`` each."""
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows or not {"fixed", "moving"} <= {key.strip() for key in rows[0]}:
+        raise ValueError(f"{path} needs a header row with the columns fixed and moving")
+    pairs, names = [], set()
+    for index, row in enumerate(rows, start=1):
+        row = {key.strip(): (value or "").strip() for key, value in row.items() if key}
+        pair = {key: (str((path.parent / row[key]).resolve()) if row.get(key) else None)
+                for key in ("fixed", "moving", "fixed_landmarks", "moving_landmarks")}
+        name = row.get("name") or f"{index:03d}_{Path(row['moving'] or 'pair').name.split('.')[0]}"
+        while name in names:
+            name += "_"
+        names.add(name)
+        pair["name"] = name
+        pairs.append(pair)
+    return pairs
+
+
+def _remove_nodes(scene, nodes) -> None:
+    for node in nodes:
+        if node is None or scene.GetNodeByID(node.GetID()) is None:
+            continue
+        if hasattr(node, "GetNumberOfDisplayNodes"):
+            for index in reversed(range(node.GetNumberOfDisplayNodes())):
+                display = node.GetNthDisplayNode(index)
+                if display is not None:
+                    scene.RemoveNode(display)
+        scene.RemoveNode(node)
+
+
+def register_pair(scene, pair: dict, output: Path, options, register=None, log=print) -> dict:
+    """Load, register and save one pair; returns its summary row (status ``ok`` or ``failed``)."""
+    glue = library()
+    from DeepSalRegLib.io import read_image, read_landmarks
+
+    row = {"name": pair["name"], "fixed": pair["fixed"], "moving": pair["moving"], "output": str(output)}
+    created = []
+    start = time.monotonic()
+    try:
+        fixed_image = read_image(pair["fixed"], "fixed image")
+        moving_image = read_image(pair["moving"], "moving image")
+        fixed = glue.image_to_volume_node(fixed_image, scene, f"{pair['name']} fixed")
+        moving = glue.image_to_volume_node(moving_image, scene, f"{pair['name']} moving")
+        created += [fixed, moving]
+        fixed_markups = moving_markups = None
+        if pair.get("fixed_landmarks") and pair.get("moving_landmarks"):
+            nd = fixed_image.GetDimension()
+            fixed_points, labels = read_landmarks(pair["fixed_landmarks"], nd)
+            moving_points, _ = read_landmarks(pair["moving_landmarks"], nd)
+            fixed_markups = glue.landmarks_to_markups(fixed_points, scene, labels, f"{pair['name']} fixed landmarks")
+            moving_markups = glue.landmarks_to_markups(moving_points, scene, labels, f"{pair['name']} moving landmarks")
+            created += [fixed_markups, moving_markups]
+
+        def progress(fraction, message):
+            log(f"[{pair['name']}] {100 * fraction:3.0f}% {message}")
+
+        result = glue.register_nodes(scene, fixed, moving, options, fixed_landmarks=fixed_markups,
+                                     moving_landmarks=moving_markups, register=register, progress=progress, show=False)
+        created += [result.transform, result.warped, result.saliency, result.jacobian, result.tre_table]
+        result.outputs.result.save(output)
+        row["status"] = "ok"
+        if result.mean_tre is not None:
+            row["tre_before_mm"], row["tre_after_mm"] = (f"{value:.4f}" for value in result.mean_tre)
+    except Exception as error:  # a failed pair is reported and skipped
+        row["status"] = "failed"
+        row["error"] = str(error).splitlines()[0] if str(error) else type(error).__name__
+        print(f"[{pair['name']}] failed: {row['error']}", file=sys.stderr, flush=True)
+        if not _is_user_error(error):
+            traceback.print_exc()
+    finally:
+        _remove_nodes(scene, created)
+    row["seconds"] = f"{time.monotonic() - start:.2f}"
+    return row
+
+
+def _is_user_error(error) -> bool:
+    from DeepSalRegLib.errors import DeepSalRegError
+
+    return isinstance(error, DeepSalRegError)
+
+
+def _default_scene():
+    import slicer
+
+    scene = getattr(slicer, "mrmlScene", None)
+    return scene if scene is not None else slicer.vtkMRMLScene()
+
+
+def main(argv=None, scene=None, register=None) -> int:
+    """Run the batch; ``scene`` and ``register`` are for tests (default: Slicer's scene, the library)."""
+    args = parse_arguments(sys.argv[1:] if argv is None else argv)
+    glue = library()
+    try:
+        pairs = read_pairs(args.pairs)
+        options = glue.RegistrationOptions(model=args.model, device=args.device, iterations=args.iterations)
+    except (OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if register is None:
+        import importlib.util
+
+        if importlib.util.find_spec("torch") is None:
+            print("error: PyTorch is not installed in this Python. In Slicer, install the PyTorch extension (or press "
+                  "Apply once in the DeepSalReg module, which offers to install it).", file=sys.stderr)
+            return 2
+    scene = scene if scene is not None else _default_scene()
+    args.outdir.mkdir(parents=True, exist_ok=True)
+    summary_path = args.outdir / "summary.csv"
+    failures = 0
+    with open(summary_path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=SUMMARY_COLUMNS)
+        writer.writeheader()
+        for number, pair in enumerate(pairs, start=1):
+            print(f"Pair {number}/{len(pairs)}: {pair['name']}", flush=True)
+            row = register_pair(scene, pair, args.outdir / pair["name"], options, register=register)
+            failures += row["status"] != "ok"
+            writer.writerow(row)
+            handle.flush()
+    print(f"{len(pairs) - failures} of {len(pairs)} pairs registered; summary in {summary_path}", flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,619 @@
+"""Tier B: running a registration from MRML nodes, and getting its results back as nodes, with real MRML.
+
+The library itself is replaced where it would be slow, never Slicer: a fake process runner stands in for the
+``deepsalreg register`` child process (SlicerNNUnet's pattern) and writes its outputs with the library's own
+``RegistrationResult.save``; a few tests run real child processes (a stand-in command line, and the real one
+when torch is installed). The batch script runs on a real scene. One smoke test imports the module file with
+stand-ins for Qt and the scripted-module base classes (the only place where anything of Slicer is faked).
+"""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import sys
+import textwrap
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (pip install slicer-core==5.12.4.0 vtk==9.6.0)")
+if not hasattr(slicer, "vtkMRMLScene"):
+    pytest.skip("the installed 'slicer' package is not slicer-core (no vtkMRMLScene); "
+                "pip install slicer-core==5.12.4.0 vtk==9.6.0", allow_module_level=True)
+
+from DeepSalRegLib import geometry, io, slicer_glue as glue  # noqa: E402
+from DeepSalRegLib.errors import InputError, OutputError  # noqa: E402
+from DeepSalRegLib.registration import RegistrationResult  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+BATCH_SCRIPT = REPO / "DeepSalReg" / "Resources" / "batch_register.py"
+MODULE_FILE = REPO / "DeepSalReg" / "DeepSalReg.py"
+SHIFT = np.array([3.0, -2.0, 1.5])  # LPS mm: the moving image is the fixed one moved by this
+
+
+# ---------------------------------------------------------------------------------------------------------
+# a known registration and a fake command line
+# ---------------------------------------------------------------------------------------------------------
+
+
+def phantom_pair(dimension=3, shift=SHIFT):
+    """A fixed image and a moving image that is the same content moved by ``shift`` (LPS mm)."""
+    size = (20, 16, 10)[:dimension]
+    spacing = (1.5, 1.0, 2.0)[:dimension]
+    origin = (-12.0, 30.0, 5.0)[:dimension]
+    grids = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in size[::-1]], indexing="ij")[::-1]
+    images = []
+    for offset in (np.zeros(dimension), np.asarray(shift[:dimension])):
+        centre = (np.asarray(size) - 1) / 2 + offset / np.asarray(spacing)
+        r2 = sum(((g - c) / (n / 4)) ** 2 for g, c, n in zip(grids, centre, size))
+        image = sitk.GetImageFromArray((100 * np.exp(-r2)).astype(np.float32))
+        image.SetSpacing(spacing)
+        image.SetOrigin(origin)
+        images.append(image)
+    return images
+
+
+def known_result(fixed, moving, shift=SHIFT, fixed_landmarks=None, moving_landmarks=None) -> RegistrationResult:
+    """A ``RegistrationResult`` whose field is the translation ``shift`` (what a perfect registration finds)."""
+    nd = fixed.GetDimension()
+    field = np.broadcast_to(np.asarray(shift[:nd], dtype=np.float64), sitk.GetArrayFromImage(fixed).shape + (nd,))
+    displacement = sitk.GetImageFromArray(np.ascontiguousarray(field), isVector=True)
+    displacement.CopyInformation(fixed)
+    transform = geometry.displacement_transform(displacement)
+    warped = sitk.Resample(moving, fixed, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    saliency = sitk.Cast(sitk.RescaleIntensity(fixed, 0.0, 1.0), sitk.sitkFloat32)
+    jacobian = sitk.Cast(fixed * 0 + 1, sitk.sitkFloat32)
+    tre = mapped = None
+    if fixed_landmarks is not None:
+        tre = dict(before=io.target_registration_error(None, fixed_landmarks, moving_landmarks),
+                   after=io.target_registration_error(transform, fixed_landmarks, moving_landmarks))
+        mapped = io.transform_points(transform, fixed_landmarks)
+    return RegistrationResult(fixed=fixed, moving=moving, displacement=displacement, transform=transform, warped=warped,
+                              saliency=saliency, jacobian=jacobian, timings={"total": 0.01}, metrics={"ncc_after": 0.99},
+                              tre=tre, mapped_landmarks=mapped)
+
+
+def _argument(args, flag):
+    return args[args.index(flag) + 1] if flag in args else None
+
+
+class FakeProcess:
+    """A started ``deepsalreg register``: it streams its lines one poll at a time, then ends with its code."""
+
+    def __init__(self, lines, code):
+        self._lines, self._code = list(lines), code
+        self.cancelled = False
+
+    def read_lines(self):
+        return [self._lines.pop(0)] if self._lines else []
+
+    def poll(self):
+        return None if self._lines else self._code
+
+    def cancel(self):
+        self.cancelled, self._lines, self._code = True, [], -9
+
+
+class FakeCommandLine:
+    """Injected as ``start_process``: does what the command line does, with the registration replaced by
+    ``known_result`` and the files written by the library's ``RegistrationResult.save`` (as the CLI does)."""
+
+    def __init__(self, code=0, last_words=(), write=True):
+        self.code, self.last_words, self.write = code, list(last_words), write
+        self.calls = []
+        self.process = None
+
+    def __call__(self, args, env=None, cwd=None):
+        self.calls.append(dict(args=list(args), env=env, cwd=cwd))
+        i = args.index("register")
+        fixed_path, moving_path, outdir = args[i + 1], args[i + 2], _argument(args, "-o")
+        self.inputs = dict(fixed=fixed_path, moving=moving_path, fixed_landmarks=_argument(args, "--fixed-landmarks"),
+                           moving_landmarks=_argument(args, "--moving-landmarks"))
+        if self.code == 0 and self.write:
+            fixed, moving = io.read_image(fixed_path), io.read_image(moving_path)
+            landmarks = [None, None]
+            if self.inputs["fixed_landmarks"]:
+                landmarks = [io.read_landmarks(self.inputs[k], fixed.GetDimension())[0] for k in ("fixed_landmarks", "moving_landmarks")]
+            known_result(fixed, moving, fixed_landmarks=landmarks[0], moving_landmarks=landmarks[1]).save(outdir, report=False)
+        lines = ["PROGRESS 0 reading images", "PROGRESS 40 network", "a log line", "PROGRESS 100 done", *self.last_words]
+        self.process = FakeProcess(lines, self.code)
+        return self.process
+
+
+# ---------------------------------------------------------------------------------------------------------
+# fixtures
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def scene(monkeypatch):
+    mrml = slicer.vtkMRMLScene()
+    monkeypatch.setattr(slicer, "mrmlScene", mrml, raising=False)
+    yield mrml
+    mrml.Clear(1)
+
+
+@pytest.fixture
+def pair_nodes(scene):
+    """Fixed and moving volume nodes of the phantom, with three corresponding landmarks each."""
+    fixed_image, moving_image = phantom_pair()
+    fixed = glue.image_to_volume_node(fixed_image, scene, "fixed")
+    moving = glue.image_to_volume_node(moving_image, scene, "moving")
+    points = np.array([fixed_image.TransformContinuousIndexToPhysicalPoint(p) for p in [(5, 5, 3), (12, 8, 5), (15, 3, 7)]])
+    fixed_markups = glue.landmarks_to_markups(points, scene, ["A", "B", "C"], "fixed landmarks")
+    moving_markups = glue.landmarks_to_markups(points + SHIFT, scene, ["A", "B", "C"], "moving landmarks")
+    return types.SimpleNamespace(fixed=fixed, moving=moving, fixed_markups=fixed_markups, moving_markups=moving_markups,
+                                 points=points)
+
+
+def lps_point_mapped_by(node, point_lps):
+    ras = glue.lps_to_ras(point_lps)[0]
+    return glue.ras_to_lps(node.GetTransformFromParent().TransformPoint(ras.tolist()))[0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the child-process job, with a fake command line
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_job_turns_the_command_line_results_into_displayed_nodes(scene, pair_nodes, tmp_path):
+    fake = FakeCommandLine()
+    progress = []
+    job = glue.RegistrationJob(scene, pair_nodes.fixed, pair_nodes.moving, glue.RegistrationOptions(device="cpu"),
+                               fixed_landmarks=pair_nodes.fixed_markups, moving_landmarks=pair_nodes.moving_markups,
+                               start_process=fake, temp_root=tmp_path, on_progress=lambda f, m: progress.append((f, m)))
+    result = job.wait(timeout=30, interval=0.001)
+
+    assert job.state == "succeeded" and job.error is None
+    assert [f for f, _ in progress] == [0.0, 0.0, 0.4, 1.0, 1.0]
+    assert progress[2][1] == "network" and "a log line" in job.output_lines
+    # the transform: the field the command line wrote, "from parent", applied to the moving volume and landmarks
+    point = np.asarray(pair_nodes.fixed.GetOrigin()) * [-1, -1, 1] + [4.0, 5.0, 6.0]
+    np.testing.assert_allclose(lps_point_mapped_by(result.transform, point), point + SHIFT, atol=1e-4)
+    assert pair_nodes.moving.GetParentTransformNode() is result.transform
+    assert pair_nodes.moving_markups.GetParentTransformNode() is result.transform
+    assert pair_nodes.fixed_markups.GetParentTransformNode() is None
+    role = slicer.vtkMRMLTransformNode
+    assert result.transform.GetNodeReferenceID(role.GetMovingNodeReferenceRole()) == pair_nodes.moving.GetID()
+    assert result.transform.GetNodeReferenceID(role.GetFixedNodeReferenceRole()) == pair_nodes.fixed.GetID()
+    # moving landmarks shown through the transform land on the fixed ones (world = fixed space)
+    world = [0.0, 0.0, 0.0]
+    pair_nodes.moving_markups.GetNthControlPointPositionWorld(1, world)
+    np.testing.assert_allclose(world, pair_nodes.fixed_markups.GetNthControlPointPosition(1), atol=1e-2)
+    # display
+    assert result.transform.GetDisplayNode().GetVisualizationMode() == slicer.vtkMRMLTransformDisplayNode.VIS_MODE_GRID
+    assert result.saliency.GetDisplayNode().GetColorNodeID()
+    assert result.jacobian.GetDisplayNode().GetWindowLevelMax() == pytest.approx(2.0)
+    assert result.warped is None  # not asked for
+    # TRE table: per point and mean, with the markups' labels
+    table = result.tre_table
+    assert [table.GetCellText(r, 0) for r in range(4)] == ["A", "B", "C", "mean"]
+    assert float(table.GetCellText(3, 1)) == pytest.approx(np.linalg.norm(SHIFT), abs=1e-3)
+    assert float(table.GetCellText(3, 2)) == pytest.approx(0.0, abs=1e-3)
+    assert result.mean_tre == pytest.approx((np.linalg.norm(SHIFT), 0.0), abs=1e-3)
+    # names and the scratch folder
+    assert result.transform.GetName() == "moving to fixed transform"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_job_sends_the_nodes_as_files_with_their_geometry(scene, pair_nodes, tmp_path):
+    fake = FakeCommandLine()
+    job = glue.RegistrationJob(scene, pair_nodes.fixed, pair_nodes.moving, glue.RegistrationOptions(iterations=7),
+                               fixed_landmarks=pair_nodes.fixed_markups, moving_landmarks=pair_nodes.moving_markups,
+                               start_process=fake, workdir=tmp_path / "work")
+    job.start()
+    sent_fixed = sitk.ReadImage(fake.inputs["fixed"])
+    expected = glue.volume_node_to_image(pair_nodes.fixed)
+    assert sent_fixed.GetOrigin() == pytest.approx(expected.GetOrigin())
+    assert sent_fixed.GetSpacing() == pytest.approx(expected.GetSpacing())
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sent_fixed), sitk.GetArrayFromImage(expected))
+    points, labels = io.read_landmarks(fake.inputs["moving_landmarks"])
+    np.testing.assert_allclose(points, pair_nodes.points + SHIFT, atol=1e-9)
+    assert labels == ["A", "B", "C"]
+    args = fake.calls[0]["args"]
+    assert args[:3] == [sys.executable, "-m", "DeepSalRegLib.cli"]
+    assert args[args.index("--iterations") + 1] == "7" and "--progress-lines" in args and "--no-report" in args
+    job.wait(timeout=30, interval=0.001)
+    assert (tmp_path / "work" / "output" / "transform.h5").is_file()  # a given workdir is kept
+
+
+def test_job_environment_finds_the_library_and_hides_cuda_for_cpu(scene, pair_nodes, tmp_path):
+    fake = FakeCommandLine()
+    glue.RegistrationJob(scene, pair_nodes.fixed, pair_nodes.moving, glue.RegistrationOptions(device="cpu"),
+                         env={"PYTHONPATH": "/elsewhere", "KEEP": "1"}, start_process=fake, temp_root=tmp_path).start()
+    env = fake.calls[0]["env"]
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(REPO), "/elsewhere"]
+    assert env["CUDA_VISIBLE_DEVICES"] == "-1" and env["KEEP"] == "1"
+    assert Path(fake.calls[0]["cwd"]) == REPO
+    fake = FakeCommandLine()
+    glue.RegistrationJob(scene, pair_nodes.fixed, pair_nodes.moving, glue.RegistrationOptions(device="auto"),
+                         env={}, start_process=fake, temp_root=tmp_path).start()
+    assert "CUDA_VISIBLE_DEVICES" not in fake.calls[0]["env"]
+
+
+def test_user_error_of_the_command_line_becomes_its_exception_and_no_result(scene, pair_nodes, tmp_path):
+    fake = FakeCommandLine(code=2, last_words=["deepsalreg: error: Fixed image is constant (all voxels 0)."])
+    job = glue.RegistrationJob(scene, pair_nodes.fixed, pair_nodes.moving, start_process=fake, temp_root=tmp_path)
+    with pytest.raises(InputError, match=r"^Fixed image is constant \(all voxels 0\)\.$"):
+        job.wait(timeout=30, interval=0.001)
+    assert job.state == "failed"
+    assert scene.GetNumberOfNodesByClass("vtkMRMLTransformNode") == 0
+    assert pair_nodes.moving.GetParentTransformNode() is None
+
+
+def test_exit_codes_map_to_the_library_errors():
+    from DeepSalRegLib.errors import DeviceError, ModelError
+
+    assert isinstance(glue.error_for_exit_code(3, ["deepsalreg: error: unknown model 'x'"]), ModelError)
+    assert str(glue.error_for_exit_code(4, ["deepsalreg: error: no CUDA GPU"])) == "no CUDA GPU"
+    assert isinstance(glue.error_for_exit_code(4, []), DeviceError)
+    assert isinstance(glue.error_for_exit_code(5, ["x"]), OutputError)
+    internal = glue.error_for_exit_code(1, ["Traceback (most recent call last):", '  File "x.py"', "ZeroDivisionError: boom"])
+    assert type(internal) is RuntimeError and "exit code 1" in str(internal) and "ZeroDivisionError: boom" in str(internal)
+
+
+def test_internal_error_keeps_the_traceback_for_the_user(scene, pair_nodes, tmp_path):
+    fake = FakeCommandLine(code=1, last_words=["Traceback (most recent call last):", "ValueError: bug"])
+    job = glue.RegistrationJob(scene, pair_nodes.fixed, pair_nodes.moving, start_process=fake, temp_root=tmp_path)
+    with pytest.raises(RuntimeError, match="ValueError: bug"):
+        job.wait(timeout=30, interval=0.001)
+
+
+def test_missing_results_fail_the_job_instead_of_hanging(scene, pair_nodes, tmp_path):
+    job = glue.RegistrationJob(scene, pair_nodes.fixed, pair_nodes.moving, start_process=FakeCommandLine(write=False),
+                               temp_root=tmp_path)
+    with pytest.raises(OutputError, match="no displacement.nrrd or transform.h5"):
+        job.wait(timeout=30, interval=0.001)
+    assert job.state == "failed"
+
+
+def test_cancel_stops_the_process_and_keeps_the_scene(scene, pair_nodes, tmp_path):
+    fake = FakeCommandLine()
+    job = glue.RegistrationJob(scene, pair_nodes.fixed, pair_nodes.moving, start_process=fake, temp_root=tmp_path).start()
+    assert job.poll() is False
+    job.cancel()
+    assert fake.process.cancelled and job.state == "cancelled" and job.poll() is True
+    assert scene.GetNumberOfNodesByClass("vtkMRMLTransformNode") == 0
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(RuntimeError, match="cancelled"):
+        job.wait()
+
+
+def test_landmarks_need_both_lists_of_the_same_length(scene, pair_nodes, tmp_path):
+    with pytest.raises(InputError, match="both"):
+        glue.RegistrationJob(scene, pair_nodes.fixed, pair_nodes.moving, fixed_landmarks=pair_nodes.fixed_markups,
+                             start_process=FakeCommandLine(), temp_root=tmp_path).start()
+    pair_nodes.moving_markups.RemoveNthControlPoint(0)
+    job = glue.RegistrationJob(scene, pair_nodes.fixed, pair_nodes.moving, fixed_landmarks=pair_nodes.fixed_markups,
+                               moving_landmarks=pair_nodes.moving_markups, start_process=FakeCommandLine(), temp_root=tmp_path)
+    with pytest.raises(InputError, match="3 fixed, 2 moving"):
+        job.start()
+    assert job.state == "failed" and list(tmp_path.iterdir()) == []
+
+
+def test_results_fill_the_nodes_the_user_chose(scene, pair_nodes, tmp_path):
+    chosen = glue.OutputNodes(transform=scene.AddNewNodeByClass("vtkMRMLTransformNode", "my transform"),
+                              saliency=scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "my saliency"),
+                              warped=scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "my warped"))
+    result = glue.RegistrationJob(scene, pair_nodes.fixed, pair_nodes.moving, nodes=chosen, start_process=FakeCommandLine(),
+                                  temp_root=tmp_path).wait(timeout=30, interval=0.001)
+    assert result.transform is chosen.transform and result.transform.GetName() == "my transform"
+    assert result.saliency is chosen.saliency and result.saliency.GetImageData() is not None
+    assert result.warped is chosen.warped
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(result.warped).shape, slicer.util.arrayFromVolume(pair_nodes.fixed).shape)
+    assert result.tre_table is None  # no landmarks given
+
+
+def test_results_follow_a_transformed_fixed_volume(scene, pair_nodes, tmp_path):
+    """A fixed volume under a (manual) transform takes the results and the output transform along."""
+    import vtk
+
+    prealign = scene.AddNewNodeByClass("vtkMRMLTransformNode", "manual prealignment")
+    matrix = vtk.vtkMatrix4x4()
+    matrix.SetElement(1, 3, 25.0)  # 25 mm anterior, "to parent"
+    prealign.SetMatrixTransformToParent(matrix)
+    pair_nodes.fixed.SetAndObserveTransformNodeID(prealign.GetID())
+    result = glue.RegistrationJob(scene, pair_nodes.fixed, pair_nodes.moving, start_process=FakeCommandLine(),
+                                  temp_root=tmp_path).wait(timeout=30, interval=0.001)
+    for node in (result.transform, result.saliency, result.jacobian):
+        assert node.GetParentTransformNode() is prealign
+    # a moving point q = p + shift is shown where the fixed point p is shown: at p moved by the prealignment
+    p = pair_nodes.points[1]
+    to_world = vtk.vtkGeneralTransform()
+    slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(pair_nodes.moving.GetParentTransformNode(), None, to_world)
+    shown = to_world.TransformPoint(glue.lps_to_ras(p + SHIFT)[0].tolist())
+    np.testing.assert_allclose(shown, glue.lps_to_ras(p)[0] + [0.0, 25.0, 0.0], atol=1e-2)
+
+
+def test_progress_lines_are_parsed():
+    assert glue.parse_progress_line("PROGRESS 42 refining field") == (0.42, "refining field")
+    assert glue.parse_progress_line("PROGRESS 100") == (1.0, "")
+    assert glue.parse_progress_line("  PROGRESS 7.5 x\r") == (0.075, "x")
+    assert glue.parse_progress_line("PROGRESS 250 x") == (1.0, "x")
+    assert glue.parse_progress_line("progress: 10%") is None
+    assert glue.parse_progress_line("deepsalreg: warning: PROGRESS 10") is None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# in-process registration (batch, PythonSlicer)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_in_process_registration_of_2d_images_stays_in_the_slice(scene):
+    fixed_image, moving_image = phantom_pair(dimension=2)
+    fixed = glue.image_to_volume_node(fixed_image, scene, "fixed 2d", z_ras=4.0)
+    moving = glue.image_to_volume_node(moving_image, scene, "moving 2d", z_ras=4.0)
+    point = np.asarray(fixed_image.TransformContinuousIndexToPhysicalPoint((6.5, 7.0)))
+    fixed_markups = glue.landmarks_to_markups(point[None], scene, z_ras=4.0)
+    moving_markups = glue.landmarks_to_markups(point[None] + SHIFT[:2], scene, z_ras=4.0)
+    calls = []
+
+    def register(fixed_arg, moving_arg, **kwargs):
+        calls.append(kwargs)
+        assert fixed_arg.GetDimension() == moving_arg.GetDimension() == 2
+        return known_result(fixed_arg, moving_arg, fixed_landmarks=kwargs["fixed_landmarks"],
+                            moving_landmarks=kwargs["moving_landmarks"])
+
+    result = glue.register_nodes(scene, fixed, moving, glue.RegistrationOptions(model="none", iterations=5),
+                                 fixed_landmarks=fixed_markups, moving_landmarks=moving_markups, register=register)
+    assert calls[0]["model"] == "none" and calls[0]["iterations"] == 5
+    np.testing.assert_allclose(calls[0]["moving_landmarks"], point[None] + SHIFT[:2])
+    mapped = result.transform.GetTransformFromParent().TransformPoint([-point[0], -point[1], 4.0])
+    np.testing.assert_allclose(mapped, [-point[0] - SHIFT[0], -point[1] - SHIFT[1], 4.0], atol=1e-4)
+    assert _ijk_to_ras(result.saliency).GetElement(2, 3) == pytest.approx(4.0)  # results sit in the fixed slice
+    assert result.mean_tre[1] == pytest.approx(0.0, abs=1e-6)
+    assert result.outputs.result is not None  # the library's result travels along (batch saves it)
+
+
+def _ijk_to_ras(node):
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(matrix)
+    return matrix
+
+
+# ---------------------------------------------------------------------------------------------------------
+# real child processes
+# ---------------------------------------------------------------------------------------------------------
+
+STAND_IN_CLI = textwrap.dedent(
+    """
+    import subprocess, sys, time
+    from pathlib import Path
+    args = sys.argv[1:]
+    if Path(sys.argv[0]).stem.endswith("hang"):
+        grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+        Path(args[args.index("-o") + 1]).parent.joinpath("pids.txt").write_text(f"{grandchild.pid}")
+        print("PROGRESS 10 working", flush=True)
+        time.sleep(120)
+    import SimpleITK as sitk
+    from DeepSalRegLib import io
+    fixed = io.read_image(args[1])
+    out = Path(args[args.index("-o") + 1])
+    print("PROGRESS 5 reading", flush=True)
+    print("r\\xe9sum\\xe9 of a log line", flush=True)
+    zero = sitk.Image(fixed.GetSize(), sitk.sitkVectorFloat64, fixed.GetDimension())
+    zero.CopyInformation(fixed)
+    io.write_transform(zero, out / "displacement.nrrd")
+    print("PROGRESS 100 done", flush=True)
+    """
+)
+
+
+def _stand_in(tmp_path, name):
+    script = tmp_path / f"{name}.py"
+    script.write_text(STAND_IN_CLI)
+    return [sys.executable, str(script)]
+
+
+def test_real_child_process_streams_progress_and_results(scene, pair_nodes, tmp_path):
+    progress, logs = [], []
+    job = glue.RegistrationJob(scene, pair_nodes.fixed, pair_nodes.moving, command=_stand_in(tmp_path, "cli"),
+                               temp_root=tmp_path, on_progress=lambda f, m: progress.append(f), on_log=logs.append)
+    result = job.wait(timeout=60)
+    assert job.state == "succeeded"
+    assert progress == [0.0, 0.05, 1.0, 1.0]
+    assert "résumé of a log line" in logs
+    assert pair_nodes.moving.GetParentTransformNode() is result.transform
+    assert result.saliency is None and result.tre_table is None  # the stand-in wrote only the field
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="checks processes through /proc (Linux)")
+def test_cancel_kills_the_child_and_its_children(scene, pair_nodes, tmp_path):
+    job = glue.RegistrationJob(scene, pair_nodes.fixed, pair_nodes.moving, command=_stand_in(tmp_path, "cli_hang"),
+                               workdir=tmp_path / "work").start()
+    deadline = time.monotonic() + 60
+    while job.progress < 0.1 and time.monotonic() < deadline:
+        job.poll()
+        time.sleep(0.02)
+    assert job.progress == pytest.approx(0.1), "the stand-in did not start"
+    pids = [job._process.pid, int((tmp_path / "work" / "pids.txt").read_text())]
+    job.cancel()
+    assert job.state == "cancelled"
+
+    def alive(pid):
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            return False
+        return state not in ("Z", "X")
+
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(alive(p) for p in pids)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch is not installed")
+def test_real_command_line_registers_the_shipped_2d_sample(scene, tmp_path):
+    """End to end: node -> files -> ``python -m DeepSalRegLib.cli register`` -> nodes (refinement only, CPU)."""
+    from DeepSalRegLib.sample_data import sample_pair
+
+    fixed_path, moving_path = sample_pair("2d")
+    fixed = glue.image_to_volume_node(io.read_image(fixed_path), scene, "fixed")
+    moving = glue.image_to_volume_node(io.read_image(moving_path), scene, "moving")
+    job = glue.RegistrationJob(scene, fixed, moving, glue.RegistrationOptions(model="none", device="cpu", iterations=3),
+                               temp_root=tmp_path)
+    result = job.wait(timeout=300)
+    assert job.state == "succeeded", job.output_lines
+    assert moving.GetParentTransformNode() is result.transform
+    assert result.saliency is not None and result.jacobian is not None
+    assert np.isfinite(slicer.util.arrayFromVolume(result.jacobian)).all()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the batch script
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _load_batch_script():
+    spec = importlib.util.spec_from_file_location("deepsalreg_batch_register", BATCH_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_batch_registers_each_pair_saves_results_and_skips_a_failed_one(scene, tmp_path, capsys):
+    batch = _load_batch_script()
+    data = tmp_path / "data"
+    data.mkdir()
+    fixed_image, moving_image = phantom_pair()
+    sitk.WriteImage(fixed_image, str(data / "fixed.nrrd"))
+    sitk.WriteImage(moving_image, str(data / "moving.nrrd"))
+    points = np.array([fixed_image.TransformContinuousIndexToPhysicalPoint(p) for p in [(4, 4, 2), (10, 9, 6)]])
+    io.write_landmarks(points, data / "fixed_points.csv")
+    io.write_landmarks(points + SHIFT, data / "moving_points.csv")
+    (tmp_path / "pairs.csv").write_text(
+        "fixed,moving,fixed_landmarks,moving_landmarks,name\n"
+        "data/fixed.nrrd,data/moving.nrrd,data/fixed_points.csv,data/moving_points.csv,with_points\n"
+        "data/fixed.nrrd,data/missing.nrrd,,,broken\n"
+        "data/fixed.nrrd,data/moving.nrrd,,,\n"
+    )
+    registered = []
+
+    def register(fixed, moving, **kwargs):
+        registered.append(kwargs)
+        return known_result(fixed, moving, fixed_landmarks=kwargs["fixed_landmarks"], moving_landmarks=kwargs["moving_landmarks"])
+
+    code = batch.main(["--", str(tmp_path / "pairs.csv"), str(tmp_path / "out"), "--iterations", "4"],
+                      scene=scene, register=register)
+    assert code == 1  # one pair failed
+    with open(tmp_path / "out" / "summary.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["name"] for r in rows] == ["with_points", "broken", "003_moving"]
+    assert [r["status"] for r in rows] == ["ok", "failed", "ok"]
+    assert "missing.nrrd" in rows[1]["error"] and "does not exist" in rows[1]["error"]
+    assert float(rows[0]["tre_before_mm"]) == pytest.approx(np.linalg.norm(SHIFT), abs=1e-3)
+    assert float(rows[0]["tre_after_mm"]) == pytest.approx(0.0, abs=1e-3)
+    assert rows[2]["tre_before_mm"] == ""
+    assert [k["iterations"] for k in registered] == [4, 4]
+    saved = tmp_path / "out" / "with_points"
+    for name in ("transform.h5", "displacement.nrrd", "saliency.nrrd", "jacobian.nrrd", "tre.csv", "summary.json"):
+        assert (saved / name).is_file(), name
+    # the saved transform is the registration's: fixed landmark -> moving landmark
+    transform = io.read_transform(saved / "transform.h5")
+    np.testing.assert_allclose(transform.TransformPoint(points[0].tolist()), points[0] + SHIFT, atol=1e-4)
+    assert json.loads((saved / "summary.json").read_text())["tre_mm"]["after"]["mean"] == pytest.approx(0.0, abs=1e-6)
+    # pairs are removed from the scene once saved
+    assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 0
+    assert scene.GetNumberOfNodesByClass("vtkMRMLMarkupsFiducialNode") == 0
+    assert scene.GetNumberOfNodesByClass("vtkMRMLTransformNode") == 0
+    assert "broken] failed" in capsys.readouterr().err
+
+
+def test_batch_refuses_a_pair_list_without_fixed_and_moving(scene, tmp_path, capsys):
+    batch = _load_batch_script()
+    (tmp_path / "pairs.csv").write_text("a,b\n1,2\n")
+    assert batch.main([str(tmp_path / "pairs.csv"), str(tmp_path / "out")], scene=scene, register=lambda *a, **k: None) == 2
+    assert "fixed and moving" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the module file (the one test with stand-ins for Qt and the scripted-module base classes)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _module_with_stand_ins(monkeypatch):
+    """Import DeepSalReg.py with stand-ins for what slicer-core lacks (Qt, the scripted-module framework)."""
+    import unittest
+
+    class Base:
+        def __init__(self, *args, **kwargs):
+            pass
+
+    stand_ins = {
+        "qt": types.ModuleType("qt"),
+        "slicer.i18n": types.SimpleNamespace(tr=lambda text: text, translate=lambda context, text: text),
+        "slicer.parameterNodeWrapper": types.SimpleNamespace(parameterNodeWrapper=lambda cls: cls,
+                                                             WithinRange=lambda low, high: (low, high)),
+        "slicer.ScriptedLoadableModule": types.SimpleNamespace(
+            ScriptedLoadableModule=Base, ScriptedLoadableModuleLogic=Base, ScriptedLoadableModuleWidget=Base,
+            ScriptedLoadableModuleTest=unittest.TestCase),
+    }
+    for name, module in stand_ins.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    spec = importlib.util.spec_from_file_location("DeepSalReg_under_test", MODULE_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+IMPORT_IN_A_FRESH_PYTHON = textwrap.dedent(
+    """
+    import importlib.util, json, sys, types, unittest
+    import slicer
+    class Base:
+        def __init__(self, *args, **kwargs):
+            pass
+    sys.modules["qt"] = types.ModuleType("qt")
+    sys.modules["slicer.i18n"] = types.SimpleNamespace(tr=lambda t: t, translate=lambda c, t: t)
+    sys.modules["slicer.parameterNodeWrapper"] = types.SimpleNamespace(parameterNodeWrapper=lambda c: c,
+                                                                       WithinRange=lambda a, b: (a, b))
+    sys.modules["slicer.ScriptedLoadableModule"] = types.SimpleNamespace(
+        ScriptedLoadableModule=Base, ScriptedLoadableModuleLogic=Base, ScriptedLoadableModuleWidget=Base,
+        ScriptedLoadableModuleTest=unittest.TestCase)
+    spec = importlib.util.spec_from_file_location("DeepSalReg", sys.argv[1])
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "DeepSalRegLib", "SimpleITK", "matplotlib"))))
+    """
+)
+
+
+def test_module_file_imports_light_and_its_logic_registers_nodes(monkeypatch, scene, pair_nodes, tmp_path):
+    import subprocess
+
+    # in a fresh interpreter: importing the module file loads neither torch nor the library
+    loaded = subprocess.run([sys.executable, "-c", IMPORT_IN_A_FRESH_PYTHON, str(MODULE_FILE)], capture_output=True,
+                            text=True, timeout=120, cwd=REPO)
+    assert loaded.returncode == 0, loaded.stderr
+    assert json.loads(loaded.stdout.strip().splitlines()[-1]) == []
+
+    module = _module_with_stand_ins(monkeypatch)
+    fields = module.DeepSalRegParameterNode.__annotations__
+    assert {"fixedVolume", "movingVolume", "outputTransform", "device", "iterations"} <= set(fields)
+    assert [d.value for d in module.Device] == ["auto", "cpu", "cuda"]
+
+    fake = FakeCommandLine()
+    logic = module.DeepSalRegLogic(startProcess=fake)
+    result = logic.process(pair_nodes.fixed, pair_nodes.moving, fixedLandmarks=pair_nodes.fixed_markups,
+                           movingLandmarks=pair_nodes.moving_markups, device="cpu", iterations=3, timeout=30)
+    assert fake.calls[0]["env"]["CUDA_VISIBLE_DEVICES"] == "-1"
+    assert pair_nodes.moving.GetParentTransformNode() is result.transform
+    assert logic.summaryText(result, 2.0).startswith("Done in 2.0 s; mean TRE")
+
+    monkeypatch.setenv("DEEPSALREG_MODELS_DIR", str(tmp_path / "models"))
+    assert logic.modelsFolder() == tmp_path / "models"
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "mine.pt").write_bytes(b"weights")
+    models = logic.availableModels()
+    assert (f"mine.pt (models folder)", str(tmp_path / "models" / "mine.pt")) in models
+    assert models[-1][1] == "none"
+    assert logic.clearModelsFolder() == 1 and not (tmp_path / "models").exists()
