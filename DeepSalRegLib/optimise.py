@@ -5,9 +5,11 @@ joint-saliency-weighted local NCC plus diffusion regularisation and a folding pe
 recomputed (detached) as the alignment improves, so structure present in one image only (missing
 correspondence) does not pull the field. Each level's correction is a stationary velocity integrated by
 scaling and squaring and composed with the current field, so the refinement does not fold space.
-Defaults were chosen on the FAIR hand X-ray pair and the shipped 2D sample: with no network and 150 steps
-the hands' mean landmark error falls from 21.7 to 15.1 px with no folding (a weight of 0.1 reaches 13.9 px
-but folds 0.45 % of the pixels, and 1 % on the sample pair). Fields follow ``warp.py`` (voxels, fixed grid, fixed->moving).
+Defaults were chosen on three cases, with no network: the FAIR hand X-ray pair (150 steps: mean landmark
+error 21.7 -> 7.1 px, no folding), ETH liver dataset18 exhale/cyc_1_10 at 2.74 mm (100 steps: 14.9 -> 9.0 mm,
+0.02 % folding) and a known smooth 2D field on an anisotropic rotated grid (300 steps: 0.42 voxel mean
+error). A smoothness weight of 0.1 folds 0.45-1 % of the voxels; a constant step of 0.5 voxel leaves the
+hands at 15 px and the liver at 12.4 mm (too little capture range). Fields follow ``warp.py`` (voxels, fixed grid, fixed->moving).
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ def instance_optimise(
     jsm_alpha: float = 0.1,
     use_jsm: bool = True,
     learning_rate: float = 0.5,
+    max_learning_rate: float = 2.0,
     levels=(8, 4, 2, 1),
     window: int = 7,
     jsm_every: int = 10,
@@ -59,7 +62,9 @@ def instance_optimise(
         smoothness_weight: weight of the diffusion regulariser (per level voxels).
         jacobian_weight: weight of the negative-Jacobian (folding) penalty.
         jsm_alpha, use_jsm: the similarity is weighted by ``alpha + (1-alpha) * JSM(F, W)`` when ``use_jsm``.
-        learning_rate: Adam step, in voxels of each level.
+        learning_rate, max_learning_rate: initial Adam step at full resolution, in voxels of each level; at
+            1/f resolution it is ``min(f * learning_rate, max_learning_rate)``; cosine-annealed to 25 % within
+            each level.
         levels: downsampling factors of the pyramid, coarse to fine.
         window: LNCC window (voxels).
         jsm_every: recompute the JSM weight every this many steps.
@@ -86,7 +91,11 @@ def instance_optimise(
         mask_m = _downsample(moving_mask.float(), factor) if moving_mask is not None else None
         base = resize_field(field, size)
         residual = torch.zeros_like(base, requires_grad=True)
-        optimiser = torch.optim.Adam([residual], lr=learning_rate)
+        # coarse levels take large steps (capture range), the finest small ones (sub-voxel precision);
+        # within a level the step is cosine-annealed
+        lr = min(learning_rate * factor, max_learning_rate)
+        optimiser = torch.optim.Adam([residual], lr=lr)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=steps, eta_min=0.25 * lr)
         weight = None
         def current():
             if diffeomorphic:
@@ -111,6 +120,7 @@ def instance_optimise(
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
+            schedule.step()
             done += 1
             if progress is not None and (step % 5 == 0 or step == steps - 1):
                 progress(done / iterations, f"refining (1/{factor} resolution) step {done}/{iterations}")

@@ -73,7 +73,7 @@ def test_transform_direction_both_ways():
     result = DeepSalRegLib.register(fixed, moving, model="none", iterations=150)
     points = _tissue_points(fixed, step=50)
     mapped = io.transform_points(result.transform, points)
-    assert np.abs((mapped - points).mean(axis=0) - t).max() < 0.6  # p -> p + t (the wrong sign is 8 mm off)
+    assert np.abs((mapped - points).mean(axis=0) - t).max() < 1.0  # p -> p + t (the wrong sign is 6-8 mm off)
     again = sitk.GetArrayFromImage(sitk.Resample(moving, fixed, result.transform, sitk.sitkLinear))
     assert np.allclose(again, sitk.GetArrayFromImage(result.warped), atol=1e-3)
     inside = sitk.GetArrayFromImage(sitk.BinaryErode(sitk.Cast(fixed > 40, sitk.sitkUInt8), [8, 8])) > 0
