@@ -33,6 +33,13 @@ def _downsample(t: torch.Tensor, factor: int) -> torch.Tensor:
     return pool(t, factor, ceil_mode=True)
 
 
+def _exp(velocity: torch.Tensor) -> torch.Tensor:
+    """Scaling and squaring with enough steps that each composed increment stays under half a voxel."""
+    peak = float(velocity.detach().abs().amax()) if velocity.numel() else 0.0
+    steps = max(6, math.ceil(math.log2(max(peak, 1e-6) / 0.5)) + 1)
+    return integrate_velocity(velocity, min(steps, 12))
+
+
 def instance_optimise(
     fixed: torch.Tensor,
     moving: torch.Tensor,
@@ -100,13 +107,14 @@ def instance_optimise(
         residual = torch.zeros_like(base, requires_grad=True)
         # coarse levels take large steps (capture range), the finest small ones (sub-voxel precision);
         # within a level the step is cosine-annealed
-        lr = min(learning_rate * factor, max_learning_rate)
+        # (with few steps per level, Adam's first sign-like steps would leave a rough field: scale them down)
+        lr = min(learning_rate * factor, max_learning_rate) * min(1.0, steps / 30)
         optimiser = torch.optim.Adam([residual], lr=lr)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=steps, eta_min=0.25 * lr)
         weight = None
         def current():
             if diffeomorphic:
-                return compose(base, integrate_velocity(residual, 6))
+                return compose(base, _exp(residual))
             return base + residual
 
         for step in range(steps):
@@ -135,7 +143,7 @@ def instance_optimise(
         with torch.no_grad():
             correction = resize_field(residual.detach(), shape)
             if diffeomorphic:
-                field = compose(field, integrate_velocity(correction, 6))
+                field = compose(field, _exp(correction))
             else:
                 field = field + correction
     return field

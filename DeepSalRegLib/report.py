@@ -282,7 +282,12 @@ def _title(result) -> str:
         facts.append(f"folding {100.0 * m['folding_fraction']:.3f} % of voxels")
     if "max_displacement_mm" in m:
         facts.append(f"max displacement {m['max_displacement_mm']:.1f} mm")
-    return "DeepSalReg   " + "   |   ".join(parts) + "\n" + "   |   ".join(facts)
+    lines = ["DeepSalReg   " + "   |   ".join(parts)]
+    if len(result.fixed.GetSize()) == 2 and len(facts) > 2:  # the 2D figure is narrow: two lines of facts
+        lines += ["   |   ".join(facts[:2]), "   |   ".join(facts[2:])]
+    else:
+        lines.append("   |   ".join(facts))
+    return "\n".join(lines)
 
 
 def _geometry_line(image: sitk.Image, name: str) -> str:
