@@ -231,6 +231,7 @@ def joint_saliency_map(
     normalisation: str = "sample",
     spacing=None,
     softmin_tau: float | None = None,
+    downsample: int = 1,
 ) -> torch.Tensor:
     """Joint saliency map of a fixed image and a (warped) moving image: ``(B, 1, *S)`` in [0, 1].
 
@@ -244,6 +245,8 @@ def joint_saliency_map(
         spacing: optional per-axis voxel size for anisotropic grids.
         softmin_tau: if set, a smooth ``-tau log(exp(-S_F/tau) + exp(-S_W/tau))`` replaces ``min`` so both
             saliencies receive gradients; ``None`` is the thesis's hard minimum.
+        downsample: compute on ``k``-times average-pooled images (``sigma`` then counts coarse voxels) and
+            interpolate back: about ``k**nd`` times cheaper, for large 3D volumes.
     Returns:
         The JSM. It is differentiable with respect to both inputs; callers that use it as a loss weight
         must detach it.
@@ -251,6 +254,13 @@ def joint_saliency_map(
     nd = spatial_dims(fixed)
     if fixed.shape != warped.shape or fixed.shape[1] != 1:
         raise ValueError(f"fixed {tuple(fixed.shape)} and warped {tuple(warped.shape)} must both be (B, 1, *S)")
+    if downsample > 1:
+        pool = F.avg_pool2d if nd == 2 else F.avg_pool3d
+        coarse = joint_saliency_map(pool(fixed, downsample, ceil_mode=True), pool(warped, downsample, ceil_mode=True),
+                                    sigma=sigma, distance=distance, connectivity=connectivity,
+                                    normalisation=normalisation, spacing=spacing, softmin_tau=softmin_tau)
+        mode = "bilinear" if nd == 2 else "trilinear"
+        return F.interpolate(coarse, size=fixed.shape[2:], mode=mode, align_corners=False).clamp(0.0, 1.0)
     f_fixed = deviatoric_features(structure_tensor(fixed, sigma, spacing), nd, distance)
     f_warped = deviatoric_features(structure_tensor(warped, sigma, spacing), nd, distance)
     s_fixed = local_saliency(f_fixed, connectivity)

@@ -178,3 +178,14 @@ def test_bad_options_are_refused():
         joint_saliency_map(x, x, distance="euclid")
     with pytest.raises(ValueError):
         joint_saliency_map(x, torch.rand(1, 1, 8, 9))
+
+
+def test_downsampled_jsm_approximates_the_full_one_in_3d():
+    smooth = torch.nn.functional.avg_pool3d
+    a = smooth(_blobs((32, 32, 32), [(12, 12, 14), (20, 22, 18)], 7), 3, 1, 1)
+    b = smooth(_blobs((32, 32, 32), [(12, 13, 14), (20, 21, 18)], 7), 3, 1, 1)
+    full = joint_saliency_map(a, b, sigma=2.0)
+    half = joint_saliency_map(a, b, sigma=1.0, downsample=2)
+    assert half.shape == full.shape and half.min() >= 0 and half.max() <= 1
+    corr = torch.corrcoef(torch.stack([half.flatten(), full.flatten()]))[0, 1]
+    assert corr > 0.8
