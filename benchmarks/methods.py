@@ -1,0 +1,204 @@
+"""One adapter per registration method; each writes its fixed -> moving transform to a file.
+
+``run_method(method, case, outdir, options)`` runs in the method's own process (``measure.run_isolated``)
+and returns ``{"transform": path, ...}``; ``evaluation.evaluate`` then reads that file back with
+SimpleITK, the same way for every method. What each method writes:
+
+* ``identity``: an identity ``.tfm``;
+* ``deepsalreg-*``: ``register()``'s displacement field as an ITK ``.h5`` (``DisplacementFieldTransform``);
+* ``ants-syn``: ANTsPy ``registration(type_of_transform="SyN")`` (affine + SyN, ANTsPy's defaults); its
+  ``fwdtransforms`` (the ones ``apply_transforms`` uses to bring the moving image onto the fixed grid)
+  composed by ANTs itself into one displacement field ``.nii.gz`` on the fixed grid;
+* ``elastix-bspline``: itk-elastix default ``affine`` then default ``bspline`` parameter maps; transformix's
+  deformation field on the fixed grid (``.nrrd``), plus the native ``TransformParameters.*.txt``.
+
+Which way each written field points is not assumed: ``conventions.py`` checks it on a known translation.
+
+The peers are optional (``benchmarks/requirements.txt``); ``available`` says why one cannot run.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import shutil
+import time
+from pathlib import Path
+
+__all__ = ["METHODS", "available", "trained_model", "run_method", "setup"]
+
+#: name -> (short label for tables, family)
+METHODS = {
+    "identity": ("identity", "baseline"),
+    "deepsalreg-net": ("DeepSalReg network only", "deepsalreg"),
+    "deepsalreg-io": ("DeepSalReg + instance optimisation", "deepsalreg"),
+    "deepsalreg-io-nojsm": ("DeepSalReg + IO, no JSM (ablation)", "deepsalreg"),
+    "ants-syn": ("ANTs SyN (antspyx)", "peer"),
+    "elastix-bspline": ("elastix affine+B-spline (itk-elastix)", "peer"),
+}
+
+DEFAULT_ITERATIONS = 100
+
+
+def available(method: str) -> tuple[bool, str]:
+    """Whether ``method`` can run here, and if not, why (without importing the heavy peer)."""
+    if method not in METHODS:
+        return False, f"unknown method {method!r}"
+    if method == "ants-syn" and importlib.util.find_spec("ants") is None:
+        return False, "antspyx is not installed (pip install -r benchmarks/requirements.txt)"
+    if method == "elastix-bspline":
+        try:
+            importlib.metadata.version("itk-elastix")
+        except importlib.metadata.PackageNotFoundError:
+            return False, "itk-elastix is not installed (pip install -r benchmarks/requirements.txt)"
+    return True, ""
+
+
+def trained_model(dim: int) -> str | None:
+    """Name of the shipped trained model for ``dim`` (``default-2d``/``default-3d``), or None."""
+    from DeepSalRegLib import models
+
+    name = f"default-{dim}d"
+    return name if name in models.registry() else None
+
+
+# --------------------------------------------------------------------------------------------------
+# setup (run in the child before its memory baseline: imports and lazy loading are not the method's cost)
+# --------------------------------------------------------------------------------------------------
+
+
+def setup(method: str) -> None:
+    import SimpleITK  # noqa: F401
+
+    if method.startswith("deepsalreg"):
+        import torch  # noqa: F401
+
+        import DeepSalRegLib.networks  # noqa: F401
+        import DeepSalRegLib.optimise  # noqa: F401
+        import DeepSalRegLib.registration  # noqa: F401
+    elif method == "ants-syn":
+        import ants
+
+        ants.registration  # noqa: B018  (force the lazy import)
+    elif method == "elastix-bspline":
+        import itk
+
+        itk.ElastixRegistrationMethod  # noqa: B018  (itk loads its modules lazily)
+        itk.TransformixFilter  # noqa: B018
+
+
+def setup_identity():
+    setup("identity")
+
+
+def setup_deepsalreg():
+    setup("deepsalreg-io")
+
+
+def setup_ants():
+    setup("ants-syn")
+
+
+def setup_elastix():
+    setup("elastix-bspline")
+
+
+SETUP = {"identity": "benchmarks.methods:setup_identity", "deepsalreg-net": "benchmarks.methods:setup_deepsalreg",
+         "deepsalreg-io": "benchmarks.methods:setup_deepsalreg",
+         "deepsalreg-io-nojsm": "benchmarks.methods:setup_deepsalreg",
+         "ants-syn": "benchmarks.methods:setup_ants", "elastix-bspline": "benchmarks.methods:setup_elastix"}
+
+
+# --------------------------------------------------------------------------------------------------
+# adapters
+# --------------------------------------------------------------------------------------------------
+
+
+def _identity(case, outdir: Path, options) -> dict:
+    import SimpleITK as sitk
+
+    path = outdir / "transform.tfm"
+    sitk.WriteTransform(sitk.Transform(case["dim"], sitk.sitkIdentity), str(path))
+    return dict(transform=str(path))
+
+
+def _deepsalreg(method, case, outdir: Path, options) -> dict:
+    from DeepSalRegLib import io as dio
+    from DeepSalRegLib.registration import register
+
+    # the run decides the models once at its start (``options["models"]``), so a model that appears
+    # while it runs cannot change the rows half-way
+    if options.get("model"):
+        model = options["model"]
+    elif "models" in options:
+        model = options["models"].get(str(case["dim"])) or "none"
+    else:
+        model = trained_model(case["dim"]) or "none"
+    iterations = 0 if method == "deepsalreg-net" else int(options.get("iterations", DEFAULT_ITERATIONS))
+    dsr = dict(case.get("dsr") or {})
+    result = register(case["fixed"], case["moving"], model=model, device=options.get("device", "cpu"),
+                      iterations=iterations, use_jsm=(method != "deepsalreg-io-nojsm"),
+                      spacing=dsr.get("spacing"), max_voxels=dsr.get("max_voxels"))
+    path = dio.write_transform(result.displacement, outdir / "transform.h5")
+    note = ""
+    if model == "none":
+        note = ("untrained/not available: no trained model, identity field" if iterations == 0
+                else "instance optimisation from the identity (no trained model)")
+    return dict(transform=str(path), model=model, iterations=iterations, note=note,
+                working_grid=result.metrics.get("working_grid"), device=result.metrics.get("device"),
+                steps_s={k: round(v, 3) for k, v in result.timings.items()})
+
+
+def _ants(case, outdir: Path, options) -> dict:
+    import ants
+
+    ants.config._random_seed = 1  # fixed sampling seed, without ANTsPy's one-thread "deterministic" mode
+    fixed = ants.image_read(case["fixed"])
+    moving = ants.image_read(case["moving"])
+    prefix = str(outdir / "ants_")
+    reg = ants.registration(fixed, moving, type_of_transform="SyN", outprefix=prefix)
+    composed = ants.apply_transforms(fixed=fixed, moving=moving, transformlist=reg["fwdtransforms"],
+                                     compose=str(outdir / "ants_composed_"))
+    path = outdir / "transform.nii.gz"
+    shutil.move(composed, path)
+    return dict(transform=str(path), native=[str(Path(p).name) for p in reg["fwdtransforms"]])
+
+
+def _elastix(case, outdir: Path, options) -> dict:
+    import itk
+
+    fixed = itk.imread(case["fixed"], itk.F)
+    moving = itk.imread(case["moving"], itk.F)
+    parameters = itk.ParameterObject.New()
+    parameters.AddParameterMap(parameters.GetDefaultParameterMap("affine"))
+    parameters.AddParameterMap(parameters.GetDefaultParameterMap("bspline"))
+    # number_of_threads / SetNumberOfThreads crash itk-elastix 0.25.4 here; ITK's global default
+    # (ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS, set by measure.thread_env) pins the threads instead.
+    _, result = itk.elastix_registration_method(fixed, moving, parameter_object=parameters, log_to_console=False)
+    for i in range(result.GetNumberOfParameterMaps()):
+        itk.ParameterObject.WriteParameterFile(result.GetParameterMap(i), str(outdir / f"TransformParameters.{i}.txt"))
+    # transformix also writes deformationField.nii into its output directory (default: the current one)
+    field = itk.transformix_deformation_field(moving, result, output_directory=str(outdir))
+    path = outdir / "transform.nrrd"
+    itk.imwrite(field, str(path), compression=True)
+    return dict(transform=str(path), native=[f"TransformParameters.{i}.txt"
+                                             for i in range(result.GetNumberOfParameterMaps())])
+
+
+def run_method(method: str, case: dict, outdir: str, options: dict | None = None) -> dict:
+    """Register ``case`` with ``method``, writing into ``outdir``; returns the transform path and facts."""
+    options = dict(options or {})
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    if method == "identity":
+        out = _identity(case, outdir, options)
+    elif method.startswith("deepsalreg"):
+        out = _deepsalreg(method, case, outdir, options)
+    elif method == "ants-syn":
+        out = _ants(case, outdir, options)
+    elif method == "elastix-bspline":
+        out = _elastix(case, outdir, options)
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    out["method_s"] = time.perf_counter() - t0
+    return out

@@ -1,0 +1,190 @@
+"""The two training modes: what data they draw and what they minimise.
+
+* **Supervised** (the thesis's ``flownet_supervised``): random smooth deformations of real images with
+  known fields (optionally with a synthetic outlier in one image); loss = end-point error (EPE) of the
+  refined field plus ``epe_coarse_weight`` times the coarse field's EPE plus ``epe_multiscale_weight``
+  times the mean EPE of the global network's coarser fields (FlowNet deep supervision), optionally plus
+  ``similarity_weight`` times the unsupervised loss (a hybrid). Validation metric: EPE in voxels.
+* **Unsupervised** (the thesis's ``flownet_unsupervised``): real pairs from the dataset's pair lists;
+  loss = ``RegistrationLoss`` (similarity + smoothness with the joint-saliency weighting of the core
+  library). Validation: the same loss, and Dice of warped label maps when the pairs have them. With
+  ``data.pairs: synthetic`` it trains on the supervised mode's synthetic pairs without looking at their
+  fields (the loss stays unsupervised; validation then also reports the end-point error): the set-up of
+  the JSM ablation, where the true field is needed to score what the similarity alone learnt.
+
+Fields follow ``DeepSalRegLib/warp.py`` (voxels, fixed grid, fixed -> moving).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from DeepSalRegLib.errors import InputError
+from DeepSalRegLib.losses import RegistrationLoss
+from DeepSalRegLib.networks import PRESETS
+from DeepSalRegLib.warp import resize_field, warp
+
+from .datasets import Augmentation, RealPairs, SyntheticPairs
+from .synthetic import DeformationSettings, IntensitySettings, OutlierSettings
+
+__all__ = ["endpoint_error", "multiscale_endpoint_error", "dice_score", "build_datasets", "Objective"]
+
+
+def endpoint_error(pred: torch.Tensor, truth: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean end-point error ``|u_pred - u_true|_2`` in voxels over ``(B, nd, *S)`` fields (inside ``mask``)."""
+    err = torch.sqrt(((pred - truth) ** 2).sum(dim=1, keepdim=True) + 1e-12)
+    if mask is None:
+        return err.mean()
+    mask = mask.to(err.dtype).expand_as(err)
+    return (err * mask).sum() / mask.sum().clamp_min(1e-8)
+
+
+def multiscale_endpoint_error(flows: list, truth: torch.Tensor) -> torch.Tensor:
+    """Mean over the global network's coarser fields of their EPE against the true field resized to them.
+
+    FlowNet-style deep supervision: each coarse field (in voxels of its own, coarser grid) is compared with
+    ``resize_field(truth)``, which rescales the magnitudes, so coarser levels weigh less. The fields live on
+    the padded grid; training crops are multiples of the network's stride, where padded == image grid.
+    """
+    losses = [endpoint_error(f.float(), resize_field(truth, f.shape[2:])) for f in flows]
+    return torch.stack(losses).mean()
+
+
+def dice_score(fixed_labels: torch.Tensor, warped_labels: torch.Tensor, max_labels: int = 64) -> torch.Tensor:
+    """Mean Dice over the non-zero labels of the fixed label map, per sample: ``(B,)``."""
+    scores = []
+    for f, w in zip(fixed_labels, warped_labels):
+        values = [v for v in torch.unique(f).tolist() if v != 0][:max_labels]
+        if not values:
+            scores.append(torch.tensor(float("nan")))
+            continue
+        per = []
+        for v in values:
+            a, b = f == v, w == v
+            per.append(2.0 * (a & b).sum() / (a.sum() + b.sum()).clamp_min(1))
+        scores.append(torch.stack(per).float().mean())
+    return torch.stack(scores)
+
+
+def _augmentation(data: dict) -> Augmentation:
+    intensity = IntensitySettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in data["intensity"].items()}) \
+        if data["intensity"] else None
+    crop = tuple(int(c) for c in data["crop"]) if data["crop"] else None
+    return Augmentation(crop=crop, flip=float(data["flip"]), swap=float(data["swap"]), intensity=intensity)
+
+
+def build_datasets(config: dict):
+    """``(train dataset, validation dataset or None)`` for the configured mode."""
+    data, seed = config["data"], config["seed"]
+    if not data["path"]:
+        raise InputError("no dataset given: set data.path (or --data) to an .h5 file built by training/make_dataset.py.")
+    augmentation = _augmentation(data)
+    val_augmentation = copy.copy(augmentation)
+    val_augmentation.flip, val_augmentation.swap = 0.0, 0.0
+    if config["mode"] == "supervised" or data["pairs"] == "synthetic":
+        d = data["deformation"]
+        deformation = DeformationSettings(max_displacement=float(d["max_displacement"]),
+                                          control_points=tuple(int(c) for c in d["control_points"]),
+                                          diffeomorphic=bool(d["diffeomorphic"]), rotation_deg=float(d["rotation_deg"]),
+                                          scale=float(d["scale"]), translation=float(d["translation"]))
+        o = data["outliers"]
+        outliers = OutlierSettings(probability=float(o["probability"]), radius=tuple(o["radius"]), kinds=tuple(o["kinds"]))
+        train = SyntheticPairs(data["path"], "train", data["samples_per_epoch"], deformation, outliers, augmentation, seed)
+        try:
+            val = SyntheticPairs(data["path"], "val", data["val_samples"], deformation, outliers, val_augmentation, seed)
+        except InputError:
+            val = None
+    else:
+        train = RealPairs(data["path"], data["pairs"], "train", data["samples_per_epoch"], augmentation, seed)
+        try:
+            val = RealPairs(data["path"], data["pairs"], "val", data["val_samples"], val_augmentation, seed)
+        except InputError:
+            val = None
+    return train, val
+
+
+class Objective:
+    """Loss and validation metrics of one mode for a ``DeepSalRegNet``.
+
+    Args:
+        config: the run configuration (``mode``, ``loss``, ``model.preset``).
+    """
+
+    def __init__(self, config: dict):
+        self.mode = config["mode"]
+        loss_cfg = config["loss"]
+        preset = config["model"]["preset"]
+        if preset not in PRESETS:
+            raise InputError(f"unknown model preset {preset!r}; choose one of {', '.join(PRESETS)}.")
+        reg = dict(PRESETS[preset]["loss"])
+        reg.update(loss_cfg["registration"] or {})
+        try:
+            self.registration = RegistrationLoss(**reg)
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"loss.registration: {exc}") from None
+        self.epe_weight = float(loss_cfg["epe_weight"])
+        self.epe_coarse_weight = float(loss_cfg["epe_coarse_weight"])
+        self.epe_multiscale_weight = float(loss_cfg["epe_multiscale_weight"])
+        self.similarity_weight = float(loss_cfg["similarity_weight"])
+        select = config["train"]["select"]
+        self.select = ("epe" if self.mode == "supervised" else "loss") if select == "auto" else select
+        if self.select not in ("epe", "loss", "dice"):
+            raise InputError(f"train.select must be auto, epe, loss or dice, got {select!r}.")
+        if self.select == "epe" and self.mode != "supervised":
+            raise InputError("train.select=epe needs mode=supervised (only synthetic pairs have true fields).")
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.select == "dice"
+
+    def loss(self, out: dict, batch: dict) -> tuple[torch.Tensor, dict]:
+        """``(total, parts)`` for a model output dict and its batch (tensors on the model's device)."""
+        out = {k: v.float() if torch.is_tensor(v) else v for k, v in out.items()}  # AMP: losses in float32
+        fixed = batch["fixed"]
+        if self.mode == "unsupervised":
+            return self.registration(out, fixed)
+        parts = {}
+        epe = endpoint_error(out["flow"], batch["flow"])
+        total = self.epe_weight * epe
+        parts["epe"] = float(epe.detach())
+        if self.epe_coarse_weight:
+            epe_c = endpoint_error(out["flow_coarse"], batch["flow"])
+            total = total + self.epe_coarse_weight * epe_c
+            parts["epe_coarse"] = float(epe_c.detach())
+        if self.epe_multiscale_weight and out.get("flows_multiscale"):
+            epe_ms = multiscale_endpoint_error(out["flows_multiscale"], batch["flow"])
+            total = total + self.epe_multiscale_weight * epe_ms
+            parts["epe_multiscale"] = float(epe_ms.detach())
+        if self.similarity_weight:
+            sim, sim_parts = self.registration(out, fixed)
+            total = total + self.similarity_weight * sim
+            parts.update({f"unsup_{k}": v for k, v in sim_parts.items()})
+        return total, parts
+
+    @torch.no_grad()
+    def metrics(self, out: dict, batch: dict, moving_labels_warp=True) -> dict:
+        """Validation metrics of one batch (sums over its samples, with ``count``)."""
+        out = {k: v.float() if torch.is_tensor(v) else v for k, v in out.items()}
+        total, _ = self.loss(out, batch)
+        n = batch["fixed"].shape[0]
+        result = {"loss": float(total) * n, "count": n}
+        if "flow" in batch:
+            err = torch.sqrt(((out["flow"] - batch["flow"]) ** 2).sum(1) + 1e-12).flatten(1).mean(1)
+            result["epe"] = float(err.sum())
+            identity = torch.sqrt((batch["flow"] ** 2).sum(1) + 1e-12).flatten(1).mean(1)
+            result["epe_identity"] = float(identity.sum())
+            if "outlier" in batch and batch["outlier"].sum() > 0:
+                inside = batch["outlier"] > 0.5
+                e = torch.sqrt(((out["flow"] - batch["flow"]) ** 2).sum(1, keepdim=True) + 1e-12)
+                result["epe_outlier_sum"] = float(e[inside].sum())
+                result["epe_outlier_count"] = int(inside.sum())
+        if "has_labels" in batch and bool(batch["has_labels"].any()):
+            keep = batch["has_labels"]
+            warped = warp(batch["moving_labels"][keep].float(), out["flow"][keep], mode="nearest").to(batch["fixed_labels"].dtype)
+            dice = dice_score(batch["fixed_labels"][keep], warped)
+            before = dice_score(batch["fixed_labels"][keep], batch["moving_labels"][keep])
+            result["dice"] = float(torch.nan_to_num(dice).sum())
+            result["dice_identity"] = float(torch.nan_to_num(before).sum())
+            result["dice_count"] = int(keep.sum())
+        return result
