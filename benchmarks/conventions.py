@@ -78,13 +78,16 @@ def verdict(transform_path, case: dict) -> dict:
     return dict(expected=t.round(3).tolist(), recovered=mean.round(3).tolist(), status=status)
 
 
-def check(methods, work: Path, runner, dims=(2, 3), log=print) -> list[dict]:
+def check(methods, work: Path, runner, dims=(2, 3), skip=None, log=print) -> list[dict]:
     """Run every method of ``methods`` on the known pairs; ``runner(method, case, outdir)`` returns the
-    measure report of ``methods.run_method``. Returns one row per method and dimension."""
+    measure report of ``methods.run_method``; ``skip(method, dim)`` leaves a combination out (e.g. a
+    network without trained weights, whose identity field says nothing). One row per method and dimension."""
     rows = []
     for dim in dims:
         case = make_translation_pair(dim, Path(work) / "conventions" / f"{dim}d")
         for method in methods:
+            if skip is not None and skip(method, dim):
+                continue
             outdir = Path(work) / "conventions" / f"{dim}d" / method
             report = runner(method, case, outdir)
             row = dict(method=method, dim=dim)

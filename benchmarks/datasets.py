@@ -189,7 +189,8 @@ def prostate(data: Path, work: Path, scale: str) -> list[dict]:
             moving_labels=_write(load(m, True), out / "moving_labels.nii.gz"),
             label_ids=[1], dsr=dict(spacing=dsr_spacing),
             notes=f"DeepSalReg working grid {dsr_spacing:g} mm; nominal 1 mm spacing (true spacing unknown); "
-                  "image centres aligned; central 160x160 crop" + (f"; in-plane x{shrink} downsampled" if shrink > 1 else "")))
+                  "image centres aligned; central 160x160 crop"
+                  + (f"; in-plane x{shrink} downsampled" if shrink > 1 else "")))
     return cases
 
 

@@ -43,8 +43,24 @@ def _version(module: str) -> str | None:
         return None
 
 
+def library_revision() -> str | None:
+    """Git commit of the checkout (with ``+modified`` when ``DeepSalRegLib`` has uncommitted changes)."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "DeepSalRegLib"], cwd=root, capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (commit + ("+modified" if dirty else "")) if commit else None
+
+
 def machine_info() -> dict:
-    """Date, CPU, cores, memory, GPU and library versions."""
+    """Date, CPU, cores, memory, GPU, library versions and the checkout's commit."""
     import torch
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
@@ -62,4 +78,5 @@ def machine_info() -> dict:
         antspyx=_version("antspyx"),
         itk_elastix=_version("itk-elastix"),
         load_average=load_average(),
+        revision=library_revision(),
     )
