@@ -75,3 +75,21 @@ def test_registration_loss_parts_and_modes():
     assert none_parts["similarity"] != pytest.approx(parts["similarity"])
     with pytest.raises(ValueError):
         RegistrationLoss(jsm_weight="everything")
+
+
+@pytest.mark.parametrize("shape,window", [((1, 3, 11, 9), 7), ((2, 2, 5, 13), 3), ((1, 5, 9, 6, 11), 7), ((1, 1, 4, 8, 7), 9)])
+def test_box_mean_equals_average_pooling_without_the_padding(shape, window):
+    import torch.nn.functional as F
+
+    from DeepSalRegLib.losses import box_mean
+
+    torch.manual_seed(0)
+    t = torch.rand(*shape, dtype=torch.float64)
+    pool = F.avg_pool2d if len(shape) == 4 else F.avg_pool3d
+    if min(shape[2:]) >= window:  # (avg_pool refuses a box larger than the image; box_mean clips it)
+        expected = pool(t, window, stride=1, padding=window // 2, count_include_pad=False)
+        assert torch.allclose(box_mean(t, window), expected, atol=1e-12)
+    # independent check at one voxel: the mean over the box clipped to the image
+    index = tuple(n // 3 for n in shape[2:])
+    box = tuple(slice(max(0, i - window // 2), i + window // 2 + 1) for i in index)
+    assert float(box_mean(t, window)[(0, 0) + index]) == pytest.approx(float(t[(0, 0) + box].mean()), abs=1e-12)

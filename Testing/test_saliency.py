@@ -189,3 +189,24 @@ def test_downsampled_jsm_approximates_the_full_one_in_3d():
     assert half.shape == full.shape and half.min() >= 0 and half.max() <= 1
     corr = torch.corrcoef(torch.stack([half.flatten(), full.flatten()]))[0, 1]
     assert corr > 0.8
+
+
+@pytest.mark.parametrize("sigma", [1.0, 1.6])
+def test_slab_by_slab_3d_map_equals_the_whole_volume_map(monkeypatch, sigma):
+    """Large volumes are computed in slabs with a halo (cache-friendly); values and gradients must not change."""
+    import DeepSalRegLib.saliency as saliency
+
+    torch.manual_seed(3)
+    fixed = torch.rand(1, 1, 37, 12, 10, dtype=torch.float64, requires_grad=True)
+    warped = torch.rand(1, 1, 37, 12, 10, dtype=torch.float64, requires_grad=True)
+    whole = joint_saliency_map(fixed, warped, sigma=sigma)
+    (grad_whole,) = torch.autograd.grad((whole * torch.linspace(0, 1, whole.numel()).view_as(whole)).sum(), fixed)
+    monkeypatch.setattr(saliency, "_SLAB_VOXELS", 8 * 12 * 10 // 2)  # slabs of 8 slices: 5 slabs, 4 seams
+    calls = []
+    original = saliency._unnormalised_maps
+    monkeypatch.setattr(saliency, "_unnormalised_maps", lambda *a, **k: calls.append(1) or original(*a, **k))
+    slabs = joint_saliency_map(fixed, warped, sigma=sigma)
+    (grad_slabs,) = torch.autograd.grad((slabs * torch.linspace(0, 1, slabs.numel()).view_as(slabs)).sum(), fixed)
+    assert len(calls) == 5
+    assert torch.allclose(slabs, whole, atol=1e-12, rtol=0)
+    assert torch.allclose(grad_slabs, grad_whole, atol=1e-10, rtol=0)
