@@ -91,7 +91,8 @@ def _register_one(args, fixed, moving, outdir, fixed_landmarks=None, moving_land
     try:
         result = register(fixed, moving, model=args.model, device=args.device, iterations=args.iterations,
                           fixed_mask=fixed_mask, moving_mask=moving_mask, fixed_landmarks=fixed_landmarks,
-                          moving_landmarks=moving_landmarks, progress=progress, max_voxels=args.max_voxels)
+                          moving_landmarks=moving_landmarks, progress=progress, max_voxels=args.max_voxels,
+                          affine=args.affine)
     finally:
         progress.close()
     t0 = time.perf_counter()
@@ -236,6 +237,8 @@ def _add_common(p):
     p.add_argument("--iterations", type=int, default=None, metavar="N",
                    help="instance-optimisation steps after the network: 0 = network only (fastest), "
                         "50-200 = most accurate")
+    p.add_argument("--no-affine", dest="affine", action="store_false",
+                   help="skip the affine pre-alignment (network alone: fastest, for roughly aligned pairs)")
     p.add_argument("--max-voxels", type=int, default=None, metavar="N",
                    help="working-grid voxel budget; larger images are registered on a coarser grid")
     p.add_argument("--no-report", action="store_true", help="do not write report.png")

@@ -568,6 +568,7 @@ class RegistrationOptions:
     model: str = "default"
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     iterations: int = 0
+    affine: bool = True  # affine pre-alignment before the network
 
     def __post_init__(self):
         if self.device not in ("auto", "cpu", "cuda"):
@@ -575,6 +576,7 @@ class RegistrationOptions:
         if int(self.iterations) < 0:
             raise InputError(f"iterations must be >= 0, got {self.iterations}")
         self.iterations = int(self.iterations)
+        self.affine = bool(self.affine)
 
 
 @dataclass
@@ -798,7 +800,7 @@ def register_nodes(scene, fixed, moving, options: RegistrationOptions | None = N
     if register is None:
         from . import register
     result = register(fixed_image, moving_image, model=options.model, device=options.device,
-                      iterations=options.iterations, fixed_landmarks=fixed_points,
+                      iterations=options.iterations, affine=options.affine, fixed_landmarks=fixed_points,
                       moving_landmarks=moving_points, progress=progress)
     return import_outputs(scene, outputs_from_result(result), fixed, moving, nodes, moving_landmarks, labels, show)
 
@@ -823,6 +825,8 @@ def cli_arguments(fixed_path, moving_path, output_folder, options: RegistrationO
     args = ["register", str(fixed_path), str(moving_path), "-o", str(output_folder),
             "--model", options.model, "--device", options.device, "--iterations", str(options.iterations),
             "--progress-lines"]
+    if not options.affine:
+        args.append("--no-affine")
     if not report:
         args.append("--no-report")
     if fixed_landmarks_path is not None and moving_landmarks_path is not None:

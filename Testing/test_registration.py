@@ -52,7 +52,8 @@ def _tissue_points(fixed, step=5):
 ])
 def test_known_smooth_transform_is_recovered_in_physical_space(kind, spacing, crop, iterations, tmp_path):
     fixed, moving, true = _known_pair(kind, spacing, crop)
-    result = DeepSalRegLib.register(fixed, moving, model="none", iterations=iterations)
+    # the deformable refinement alone (the affine stage is tested below on an affine truth)
+    result = DeepSalRegLib.register(fixed, moving, model="none", iterations=iterations, affine=False)
     result.save(tmp_path, report=False)
     written = sitk.ReadTransform(str(tmp_path / "transform.h5"))  # judged from the file, as a user would
     points = _tissue_points(fixed)
@@ -62,6 +63,42 @@ def test_known_smooth_transform_is_recovered_in_physical_space(kind, spacing, cr
     assert initial.mean() > 1.0 * voxel
     assert error.mean() < 0.5 * voxel, (error.mean(), voxel)
     assert result.metrics["folding_fraction"] < 0.001
+
+
+def _known_affine_pair(kind, spacing, crop=None):
+    """(fixed, moving, true fixed->moving affine): rotation, anisotropic scaling and a shift in physical space."""
+    moving = io.read_image(str(SAMPLE_PAIRS[kind][0]))
+    if crop:
+        moving = moving[crop]
+    nd = moving.GetDimension()
+    moving = _with_geometry(moving, spacing, 0.5, [10.0, -20.0, 5.0][:nd])
+    centre = moving.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in moving.GetSize()])
+    true = sitk.AffineTransform(nd)
+    true.SetCenter(centre)
+    true.SetMatrix((_rotation(nd, np.radians(12)) @ np.diag([1.06, 0.95, 1.0][:nd])).flatten().tolist())
+    true.SetTranslation([4.0, -3.0, 2.0][:nd])
+    fixed = geometry.resample_onto(moving, moving, transform=true)
+    return fixed, moving, true
+
+
+@pytest.mark.parametrize("kind,spacing,crop", [
+    ("2d", [0.8, 1.2], None),
+    ("3d", [2.0, 2.0, 3.0], (slice(8, 56), slice(10, 70), slice(12, 52))),
+])
+def test_affine_prealignment_recovers_a_known_affine_transform(kind, spacing, crop, tmp_path):
+    fixed, moving, true = _known_affine_pair(kind, spacing, crop)
+    points = _tissue_points(fixed)
+    target = io.transform_points(true, points)
+    errors = {}
+    for affine in (True, False):
+        result = DeepSalRegLib.register(fixed, moving, model="none", iterations=0, affine=affine)
+        result.save(tmp_path / str(affine), report=False)
+        written = sitk.ReadTransform(str(tmp_path / str(affine) / "transform.h5"))
+        errors[affine] = np.linalg.norm(io.transform_points(written, points) - target, axis=1).mean()
+    voxel = min(spacing)
+    assert errors[False] > 3 * voxel  # without the stage nothing moves (no network, no refinement)
+    assert errors[True] < 0.5 * voxel, errors
+    assert result.metrics["affine"] is None
 
 
 def test_transform_direction_both_ways():

@@ -30,6 +30,7 @@ __all__ = ["METHODS", "available", "trained_model", "run_method", "setup"]
 METHODS = {
     "identity": ("identity", "baseline"),
     "deepsalreg-net": ("DeepSalReg network only", "deepsalreg"),
+    "deepsalreg-affine-net": ("DeepSalReg affine + network (default)", "deepsalreg"),
     "deepsalreg-io": ("DeepSalReg + instance optimisation", "deepsalreg"),
     "deepsalreg-io-nojsm": ("DeepSalReg + IO, no JSM (ablation)", "deepsalreg"),
     "ants-syn": ("ANTs SyN (antspyx)", "peer"),
@@ -103,6 +104,7 @@ def setup_elastix():
 
 
 SETUP = {"identity": "benchmarks.methods:setup_identity", "deepsalreg-net": "benchmarks.methods:setup_deepsalreg",
+         "deepsalreg-affine-net": "benchmarks.methods:setup_deepsalreg",
          "deepsalreg-io": "benchmarks.methods:setup_deepsalreg",
          "deepsalreg-io-nojsm": "benchmarks.methods:setup_deepsalreg",
          "ants-syn": "benchmarks.methods:setup_ants", "elastix-bspline": "benchmarks.methods:setup_elastix"}
@@ -133,16 +135,18 @@ def _deepsalreg(method, case, outdir: Path, options) -> dict:
         model = options["models"].get(str(case["dim"])) or "none"
     else:
         model = trained_model(case["dim"]) or "none"
-    iterations = 0 if method == "deepsalreg-net" else int(options.get("iterations", DEFAULT_ITERATIONS))
+    iterations = 0 if method.endswith("-net") else int(options.get("iterations", DEFAULT_ITERATIONS))
     dsr = dict(case.get("dsr") or {})
     result = register(case["fixed"], case["moving"], model=model, device=options.get("device", "cpu"),
                       iterations=iterations, use_jsm=(method != "deepsalreg-io-nojsm"),
+                      affine=(method != "deepsalreg-net"),
                       spacing=dsr.get("spacing"), max_voxels=dsr.get("max_voxels"))
     path = dio.write_transform(result.displacement, outdir / "transform.h5")
     note = ""
     if model == "none":
-        note = ("untrained/not available: no trained model, identity field" if iterations == 0
-                else "instance optimisation from the identity (no trained model)")
+        note = ("instance optimisation, no trained model" if iterations
+                else "affine only: no trained model" if method == "deepsalreg-affine-net"
+                else "untrained/not available: no trained model, identity field")
     return dict(transform=str(path), model=model, iterations=iterations, note=note,
                 working_grid=result.metrics.get("working_grid"), device=result.metrics.get("device"),
                 steps_s={k: round(v, 3) for k, v in result.timings.items()})

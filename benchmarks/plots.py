@@ -10,7 +10,8 @@ from .methods import METHODS
 from .report import COLUMNS, aggregate
 
 _MARKERS = dict(zip(METHODS, "xosD^v"))
-_SHORT = {"identity": "identity", "deepsalreg-net": "DSR network", "deepsalreg-io": "DSR + IO",
+_SHORT = {"identity": "identity", "deepsalreg-net": "DSR network",
+          "deepsalreg-affine-net": "DSR affine\n+ network", "deepsalreg-io": "DSR + IO",
           "deepsalreg-io-nojsm": "DSR + IO\nno JSM", "ants-syn": "ANTs SyN", "elastix-bspline": "elastix"}
 _UNITS = dict(liver="mm", hands="px", anhir="px", drive="px")
 _HIGHER_IS_BETTER = ("dice_mean",)

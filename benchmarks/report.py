@@ -160,9 +160,13 @@ def targets(rows, summary, scaling_rows, models) -> list[dict]:
                          ("brain", "dice_mean"), ("prostate", "dice_mean")):
         a = agg(dataset)
         net, ident = a.get("deepsalreg-net", {}), a.get("identity", {})
+        with_affine = a.get("deepsalreg-affine-net", {})
         dim = 2 if dataset in ("hands", "anhir", "drive") else 3
         if models.get(dim) and net.get(key) is not None and ident.get(key) is not None:
-            versus.append(f"{dataset} {key} {net[key]:.3f} vs identity {ident[key]:.3f} ({net['wall_s']:.2f} s/pair)")
+            line = f"{dataset} {key} {net[key]:.3f} ({net['wall_s']:.2f} s/pair)"
+            if with_affine.get(key) is not None:
+                line += f", with affine {with_affine[key]:.3f} ({with_affine['wall_s']:.2f} s/pair)"
+            versus.append(line + f" vs identity {ident[key]:.3f}")
     if versus:
         out.append(dict(target="network-only clearly better than identity (trained models)", status="; ".join(versus)))
     # CPU end to end 128^3, memory 256^3
