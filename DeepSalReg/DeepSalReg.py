@@ -67,7 +67,8 @@ class DeepSalReg(ScriptedLoadableModule):
         self.parent.contributors = ["DeepSalReg developers"]
         self.parent.helpText = _(
             "Unsupervised deep deformable registration (2D/3D) guided by a joint saliency map. "
-            "Pick a fixed and a moving volume and press Apply: the result is a deformable transform applied "
+            "Pick a fixed and a moving volume and press Apply: after an affine pre-alignment, the networks (and, "
+            "with refinement iterations, a test-time optimisation) compute a deformable transform, applied "
             "to the moving volume, shown as a grid in the slice views, with the joint saliency as a colour "
             "overlay, the Jacobian determinant and, when landmarks are given, a table of target registration "
             "errors. The registration runs in a separate process and can be cancelled. "
@@ -104,7 +105,8 @@ class DeepSalRegParameterNode:
     fixedLandmarks, movingLandmarks - optional corresponding point lists, for the TRE table.
     model - a shipped model name or the path of a model file in the models folder.
     device - auto, CPU or GPU.
-    iterations - test-time refinement steps after the network (0: network only).
+    iterations - test-time refinement steps after the network (0: affine pre-alignment and network only).
+    affine - affine pre-alignment before the network.
     outputTransform, warpedVolume, saliencyVolume, jacobianVolume, treTable - outputs (empty: created).
     runInProcess - run inside Slicer's process (blocks the GUI; for debugging).
     """
@@ -116,6 +118,7 @@ class DeepSalRegParameterNode:
     model: str = "default"
     device: Device = Device.AUTO
     iterations: Annotated[int, WithinRange(0, 1000)] = 0
+    affine: bool = True
     outputTransform: vtkMRMLTransformNode
     warpedVolume: vtkMRMLScalarVolumeNode
     saliencyVolume: vtkMRMLScalarVolumeNode
@@ -276,6 +279,7 @@ class DeepSalRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             model=p.model or "default",
             device=p.device.value,
             iterations=p.iterations,
+            affine=p.affine,
             warpedVolume=p.warpedVolume,
             saliencyVolume=p.saliencyVolume,
             jacobianVolume=p.jacobianVolume,
@@ -531,7 +535,8 @@ class DeepSalRegLogic(ScriptedLoadableModuleLogic):
 
     def startProcess(self, fixedVolume, movingVolume, outputTransform=None, fixedLandmarks=None, movingLandmarks=None,
                      model="default", device="auto", iterations=0, warpedVolume=None, saliencyVolume=None,
-                     jacobianVolume=None, treTable=None, createWarped=False, progressCallback=None, showResults=True):
+                     jacobianVolume=None, treTable=None, createWarped=False, progressCallback=None, showResults=True,
+                     affine=True):
         """Start a registration in a child process and return its ``RegistrationJob`` at once.
 
         Call ``job.poll()`` regularly from the GUI thread (the panel uses a timer) until it returns True, then
@@ -543,7 +548,7 @@ class DeepSalRegLogic(ScriptedLoadableModuleLogic):
             slicer.mrmlScene,
             fixedVolume,
             movingVolume,
-            options=glue.RegistrationOptions(model=model, device=device, iterations=iterations),
+            options=glue.RegistrationOptions(model=model, device=device, iterations=iterations, affine=affine),
             nodes=self._outputNodes(outputTransform, warpedVolume, saliencyVolume, jacobianVolume, treTable, createWarped),
             fixed_landmarks=fixedLandmarks,
             moving_landmarks=movingLandmarks,
@@ -560,7 +565,7 @@ class DeepSalRegLogic(ScriptedLoadableModuleLogic):
     def process(self, fixedVolume, movingVolume, outputTransform=None, fixedLandmarks=None, movingLandmarks=None,
                 model="default", device="auto", iterations=0, warpedVolume=None, saliencyVolume=None,
                 jacobianVolume=None, treTable=None, createWarped=False, inProcess=False, progressCallback=None,
-                showResults=True, timeout=None):
+                showResults=True, timeout=None, affine=True):
         """Register ``movingVolume`` to ``fixedVolume`` and return the result nodes (waits until done).
 
         Args:
@@ -573,6 +578,7 @@ class DeepSalRegLogic(ScriptedLoadableModuleLogic):
                 "none" (no network: refinement from the identity).
             device: "auto", "cpu" or "cuda".
             iterations: test-time refinement steps after the network.
+            affine: affine pre-alignment before the network (off only for roughly aligned pairs).
             warpedVolume, saliencyVolume, jacobianVolume, treTable: nodes to fill (default: new ones; the warped
                 volume only with ``createWarped=True`` or when given).
             inProcess: run the library inside this process (blocks Slicer; no cancel) instead of a child.
@@ -591,7 +597,7 @@ class DeepSalRegLogic(ScriptedLoadableModuleLogic):
                 slicer.mrmlScene,
                 fixedVolume,
                 movingVolume,
-                options=glue.RegistrationOptions(model=model, device=device, iterations=iterations),
+                options=glue.RegistrationOptions(model=model, device=device, iterations=iterations, affine=affine),
                 nodes=self._outputNodes(outputTransform, warpedVolume, saliencyVolume, jacobianVolume, treTable, createWarped),
                 fixed_landmarks=fixedLandmarks,
                 moving_landmarks=movingLandmarks,
@@ -600,7 +606,7 @@ class DeepSalRegLogic(ScriptedLoadableModuleLogic):
             )
         job = self.startProcess(fixedVolume, movingVolume, outputTransform, fixedLandmarks, movingLandmarks, model, device,
                                 iterations, warpedVolume, saliencyVolume, jacobianVolume, treTable, createWarped,
-                                progressCallback, showResults)
+                                progressCallback, showResults, affine)
         idle = slicer.app.processEvents if hasattr(slicer, "app") else None
         return job.wait(timeout=timeout, idle=idle)
 

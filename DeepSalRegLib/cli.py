@@ -235,7 +235,7 @@ def _add_common(p):
                         "(instance optimisation only)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to compute (default: auto)")
     p.add_argument("--iterations", type=int, default=None, metavar="N",
-                   help="instance-optimisation steps after the network: 0 = network only (fastest), "
+                   help="instance-optimisation steps after the network: 0 = affine + network only (fast), "
                         "50-200 = most accurate")
     p.add_argument("--no-affine", dest="affine", action="store_false",
                    help="skip the affine pre-alignment (network alone: fastest, for roughly aligned pairs)")

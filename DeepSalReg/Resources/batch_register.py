@@ -3,7 +3,7 @@
 Usage::
 
     Slicer --no-main-window --python-script batch_register.py -- pairs.csv outdir [--model default]
-           [--device auto|cpu|cuda] [--iterations 0]
+           [--device auto|cpu|cuda] [--iterations 0] [--no-affine]
 
 ``pairs.csv`` has a header row with the columns ``fixed`` and ``moving`` and, optionally,
 ``fixed_landmarks``, ``moving_landmarks`` (CSV/.fcsv/.mrk.json, corresponding row by row) and ``name``.
@@ -61,6 +61,7 @@ def parse_arguments(argv):
     parser.add_argument("--model", default="default", help="model name or model file (default: %(default)s)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--iterations", type=int, default=0, help="test-time refinement steps (default: %(default)s)")
+    parser.add_argument("--no-affine", dest="affine", action="store_false", help="skip the affine pre-alignment")
     return parser.parse_args(argv)
 
 
@@ -160,7 +161,8 @@ def main(argv=None, scene=None, register=None) -> int:
     glue = library()
     try:
         pairs = read_pairs(args.pairs)
-        options = glue.RegistrationOptions(model=args.model, device=args.device, iterations=args.iterations)
+        options = glue.RegistrationOptions(model=args.model, device=args.device, iterations=args.iterations,
+                                           affine=args.affine)
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
