@@ -10,7 +10,7 @@ Convention (as ``warp.py``): working-grid voxel coordinates ``x`` (array axis or
 physical linear part up to the grid's orientation.
 
 The cost is the same joint-saliency-weighted local NCC as the refinement (``optimise.py``), on a coarse
-pyramid (1/8, 1/4, 1/2 resolution, at most 2^18 voxels per level): milliseconds to tens of milliseconds per
+pyramid (1/8, 1/4, 1/2 resolution, at most 2^17 voxels per level): milliseconds to tens of milliseconds per
 step. The start is the better of the identity and the centre-of-mass translation; from it and from rotated
 copies of it (+/-20 and +/-40 degrees about each axis) a few probe steps at 1/8 resolution pick the seed of
 the pyramid (a local cost alone falls into a wrong optimum for a hand turned by 30 degrees). The result is
@@ -99,7 +99,7 @@ def affine_align(
     moving: torch.Tensor,
     iterations: int = 200,
     levels=(8, 4, 2),
-    max_level_voxels: int = 2 ** 18,
+    max_level_voxels: int = 2 ** 17,
     fixed_mask: torch.Tensor | None = None,
     moving_mask: torch.Tensor | None = None,
     use_jsm: bool = True,

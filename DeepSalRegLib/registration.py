@@ -4,7 +4,8 @@ Pipeline (each step's time is recorded in ``RegistrationResult.timings``)::
 
     read -> working grid (fixed extent, near-isotropic, multiple of the network's stride)
          -> resample both onto it, normalise intensities -> [affine pre-alignment]
-         -> network (coarse field, JSM, refined field) on the pre-aligned pair -> [instance optimisation] -> physical displacement field on the FIXED image grid
+         -> network (coarse field, JSM, refined field) on the pre-aligned pair, kept if it lowers the LNCC
+         -> [instance optimisation] -> physical displacement field on the FIXED image grid
          -> ITK DisplacementFieldTransform (fixed -> moving, LPS mm) -> warped moving, saliency, Jacobian
 
 The transform maps FIXED physical points to MOVING physical points (ITK's resampling convention, Slicer's
@@ -63,7 +64,8 @@ class RegistrationResult:
         jacobian: Jacobian determinant of ``p -> T(p)`` on the fixed grid (<= 0 means folding).
         timings: seconds per step (``read``, ``resample``, ``affine``, ``network``, ``optimise``, ``export``,
             ``total``).
-        metrics: similarity before/after, folding fraction, SD of log-Jacobian, grid and model facts.
+        metrics: similarity before/after, folding fraction, SD of log-Jacobian, grid and model facts,
+            ``network_kept`` (False when the network's field was dropped by the guard) and ``affine``.
         tre: with landmarks, ``{"before": array, "after": array}`` per-point errors in mm, else None.
         mapped_landmarks: fixed landmarks mapped to moving space ``T(p)`` (with landmarks), else None.
     """
@@ -194,6 +196,7 @@ def register(
 
     from . import models
     from .affine import affine_align
+    from .losses import lncc_similarity
     from .optimise import instance_optimise
     from .saliency import joint_saliency_map
     from .warp import compose, folding_fraction, jacobian_determinant, warp
@@ -284,14 +287,25 @@ def register(
     lap("affine")
 
     report(0.12, f"network ({model_name})")
+    start = pre.field if pre is not None else torch.zeros(1, nd, *f_t.shape[2:], device=torch_device)
+    network_kept = None
     with torch.no_grad():
-        m_in = m_t if pre is None else warp(m_t, pre.field)
+        flow = start
         if net is not None:
-            flow = net(f_t, m_in)["flow"]
-        else:
-            flow = torch.zeros(1, nd, *f_t.shape[2:], device=torch_device)
-        if pre is not None:
-            flow = compose(pre.field, flow)  # network's field applied after the affine map
+            m_in = m_t if pre is None else warp(m_t, pre.field)
+            candidate = compose(start, net(f_t, m_in)["flow"])  # the network's field after the affine map
+            # guard: keep the network's field only if it aligns better than its start, by the LNCC it was
+            # trained to lower (a pair unlike its training data must not be made worse)
+            region = tensor(f_mask if f_mask is not None else inside_fixed)
+            loss_start = float(lncc_similarity(f_t, warp(m_t, start), region, window=7))
+            loss_net = float(lncc_similarity(f_t, warp(m_t, candidate), region, window=7))
+            network_kept = loss_net < loss_start
+            if network_kept:
+                flow = candidate
+            else:
+                warnings.warn(f"the network's field did not improve the alignment (LNCC loss {loss_start:.4f} -> "
+                              f"{loss_net:.4f}); continuing from the {'affine' if pre is not None else 'identity'} "
+                              "alignment")
     lap("network")
 
     if iterations > 0:
@@ -328,6 +342,7 @@ def register(
         ncc_before=_ncc(f_norm, m_norm, region), ncc_after=_ncc(f_norm, w_norm, region),
         folding_fraction=folding, sd_log_jacobian=float(np.std(log_det)),
         max_displacement_mm=float(np.sqrt((d_work ** 2).sum(-1)).max()),
+        network_kept=network_kept,
         affine=None if pre is None else dict(
             accepted=pre.accepted, matrix=pre.matrix.cpu().tolist(),
             translation_mm=(pre.translation.cpu().numpy() * grid.GetSpacing()[0]).tolist(),

@@ -158,3 +158,27 @@ def test_liver_landmark_error_goes_down(shared_data, tmp_path):
     after = io.target_registration_error(written, fixed_pts, moving_pts).mean()
     assert after < 0.75 * before, (before, after)
     assert abs(after - result.metrics["tre_after_mm"]) < 0.05
+
+
+def test_a_network_that_worsens_the_alignment_is_not_used(tmp_path):
+    """The guard after the network: a field that raises the LNCC loss is dropped (with a warning)."""
+    import torch
+
+    from DeepSalRegLib.networks import build_model, save_checkpoint
+
+    torch.manual_seed(0)
+    model = build_model("modern-2d")
+    last = model.local_net.body[-1]
+    with torch.no_grad():
+        last.bias[0] = 6.0  # the "refinement" shifts everything by 6 voxels along the rows
+    path = save_checkpoint(tmp_path / "shifting.pt", model, note="test: a harmful network")
+    image = io.read_image(str(SAMPLE_PAIRS["2d"][0]))
+    with pytest.warns(UserWarning, match="did not improve"):
+        result = DeepSalRegLib.register(image, image, model=str(path), affine=False)
+    assert result.metrics["network_kept"] is False
+    assert np.abs(sitk.GetArrayFromImage(result.displacement)).max() == 0.0
+    # the shipped network on a pair it can improve is kept
+    fixed, moving = SAMPLE_PAIRS["2d"]
+    kept = DeepSalRegLib.register(str(fixed), str(moving), affine=False)
+    assert kept.metrics["network_kept"] is True
+    assert kept.metrics["ncc_after"] > kept.metrics["ncc_before"]

@@ -1,6 +1,8 @@
 """PNG plots of a benchmark run: accuracy vs time per method, error maps, scaling curves."""
 from __future__ import annotations
 
+import itertools
+
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +11,7 @@ import SimpleITK as sitk
 from .methods import METHODS
 from .report import COLUMNS, aggregate
 
-_MARKERS = dict(zip(METHODS, "xosD^v"))
+_MARKERS = dict(zip(METHODS, itertools.cycle("xo*sD^vP")))  # robust to new methods
 _SHORT = {"identity": "identity", "deepsalreg-net": "DSR network",
           "deepsalreg-affine-net": "DSR affine\n+ network", "deepsalreg-io": "DSR + IO",
           "deepsalreg-io-nojsm": "DSR + IO\nno JSM", "ants-syn": "ANTs SyN", "elastix-bspline": "elastix"}
