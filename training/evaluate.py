@@ -233,15 +233,16 @@ def dice_per_label(fixed_labels: sitk.Image, moving_labels: sitk.Image, transfor
     return out
 
 
-def evaluate_case(case: Case, model: str, iterations: int, device: str) -> dict:
-    """Register one pair with ``register()`` and score it; returns a flat row."""
+def evaluate_case(case: Case, model: str, iterations: int, device: str, affine: bool = True) -> dict:
+    """Register one pair with ``register()`` (affine stage on unless ``affine=False``) and score it; a flat row."""
     from DeepSalRegLib import register
 
     data = case.load()
     t0 = time.perf_counter()
-    result = register(data["fixed"], data["moving"], model=model, device=device, iterations=iterations)
+    result = register(data["fixed"], data["moving"], model=model, device=device, iterations=iterations,
+                      affine=affine)
     seconds = time.perf_counter() - t0
-    row = dict(dataset=case.dataset, case=case.name, model=model, iterations=iterations,
+    row = dict(dataset=case.dataset, case=case.name, model=model, iterations=iterations, affine=affine,
                folding_percent=100.0 * float(result.metrics["folding_fraction"]),
                sd_log_jacobian=float(result.metrics["sd_log_jacobian"]), seconds=seconds)
     if data.get("fixed_points") is not None:
@@ -457,6 +458,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--crop", type=int, nargs="+", help="synthetic: crop size (array order)")
     p.add_argument("--model", action="append", help="model name or .pt path (repeatable; default: default)")
     p.add_argument("--iterations", type=int, default=0, help="instance-optimisation steps after the network (default 0)")
+    p.add_argument("--no-affine", dest="affine", action="store_false",
+                   help="skip register()'s affine pre-alignment (score the network alone)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--run", action="append", default=[], help="training output folder whose curves to plot (repeatable)")
@@ -492,7 +495,7 @@ def main(argv=None) -> int:
                 cases = cases_from_h5(args.dataset, args.kind, args.split, args.limit)
             for m in models_:
                 for case in cases:
-                    row = evaluate_case(case, m, args.iterations, args.device)
+                    row = evaluate_case(case, m, args.iterations, args.device, args.affine)
                     rows.append(row)
                     shown = {k: round(v, 4) for k, v in row.items() if isinstance(v, float)}
                     print(f"{case.dataset} {case.name} [{m}]: {shown}", file=sys.stderr, flush=True)
