@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 
 from .losses import jsm_weight, lncc_similarity
-from .optimise import _downsample
+from .optimise import _downsample, pyramid_levels
 from .saliency import joint_saliency_map
 from .warp import identity_grid, spatial_dims, warp
 
@@ -128,9 +128,7 @@ def affine_align(
     shape = tuple(fixed.shape[2:])
     dev, dtype = fixed.device, fixed.dtype
     radius = max(shape) / 2.0
-    levels = [f for f in levels if min(n // f for n in shape) >= 8] or [1]
-    small = [f for f in levels if math.prod(-(-n // f) for n in shape) <= max_level_voxels]
-    levels = small or [max(levels)]
+    levels = pyramid_levels(shape, levels, max_level_voxels)
     eye = torch.eye(nd, device=dev, dtype=dtype)
     linear = torch.zeros(nd, nd, device=dev, dtype=dtype, requires_grad=True)  # A = I + linear
     shift = torch.zeros(nd, device=dev, dtype=dtype, requires_grad=True)      # t = radius * shift
@@ -170,12 +168,11 @@ def affine_align(
     # ... then a few steps from each of several rotations (a local cost has local optima for large
     # rotations: a hand turned by 30 degrees); the best one seeds the pyramid
     if start_angles:
-        probes = [(r - eye, shifts[0]) for r in _rotations(nd, start_angles, dev, dtype)]
         scored = []
-        for a0, t0 in probes:
+        for rotation in _rotations(nd, start_angles, dev, dtype):
             with torch.no_grad():
-                linear.copy_(a0)
-                shift.copy_(t0)
+                linear.copy_(rotation - eye)
+                shift.copy_(shifts[0])
             probe = torch.optim.Adam([linear, shift], lr=learning_rate)
             for _ in range(probe_steps):
                 loss, _ = loss_at(*coarse, None, linear, shift)
@@ -183,11 +180,11 @@ def affine_align(
                 loss.backward()
                 probe.step()
             with torch.no_grad():
-                scored.append((float(loss_at(*coarse, None, linear, shift)[0]), a0, t0))
-        _, a0, t0 = min(scored, key=lambda item: item[0])
+                scored.append((float(loss_at(*coarse, None, linear, shift)[0]), rotation))
+        best = min(scored, key=lambda item: item[0])[1]
         with torch.no_grad():
-            linear.copy_(a0)
-            shift.copy_(t0)
+            linear.copy_(best - eye)  # the probes' few steps only choose the seed: restart from it
+            shift.copy_(shifts[0])
 
     # the yardstick for keeping the result: the unweighted cost at the finest level used
     finest = coarse if len(levels) == 1 else level_inputs(levels[-1])

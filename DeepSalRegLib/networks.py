@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -296,19 +294,11 @@ def save_checkpoint(path, model: DeepSalRegNet, **extra) -> Path:
     ``extra`` must hold only plain types (numbers, strings, lists, dicts, tensors) so that the file loads
     with ``torch.load(weights_only=True)``.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from .io import _write_atomically
+
     payload = dict(format=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION, config=model.config,
                    state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()}, **extra)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return _write_atomically(path, lambda tmp: torch.save(payload, tmp), "checkpoint")
 
 
 def load_checkpoint(path, device="cpu", expected_sha256: str | None = None):

@@ -23,7 +23,7 @@ from .losses import jsm_weight, lncc_similarity, negative_jacobian_penalty, smoo
 from .saliency import joint_saliency_map
 from .warp import compose, integrate_velocity, resize_field, spatial_dims, warp
 
-__all__ = ["instance_optimise"]
+__all__ = ["instance_optimise", "pyramid_levels"]
 
 
 def _downsample(t: torch.Tensor, factor: int) -> torch.Tensor:
@@ -31,6 +31,14 @@ def _downsample(t: torch.Tensor, factor: int) -> torch.Tensor:
         return t
     pool = F.avg_pool2d if spatial_dims(t) == 2 else F.avg_pool3d
     return pool(t, factor, ceil_mode=True)
+
+
+def pyramid_levels(shape, levels, max_level_voxels: int) -> list[int]:
+    """The usable downsampling factors of ``levels`` for a grid of ``shape``: each keeps >= 8 voxels per axis
+    and at most ``max_level_voxels`` voxels (the coarsest usable one is kept in any case)."""
+    levels = [f for f in levels if min(n // f for n in shape) >= 8] or [1]
+    small_enough = [f for f in levels if math.prod(-(-n // f) for n in shape) <= max_level_voxels]
+    return small_enough or [max(levels)]
 
 
 def _exp(velocity: torch.Tensor) -> torch.Tensor:
@@ -91,9 +99,7 @@ def instance_optimise(
     field = torch.zeros(1, nd, *shape, device=fixed.device) if field is None else field.detach()
     if iterations <= 0:
         return field
-    levels = [f for f in levels if min(n // f for n in shape) >= 8] or [1]
-    small_enough = [f for f in levels if math.prod(-(-n // f) for n in shape) <= max_level_voxels]
-    levels = small_enough or [max(levels)]
+    levels = pyramid_levels(shape, levels, max_level_voxels)
     # equal steps per level: the coarse ones are cheap and the finest one sets sub-voxel accuracy
     budget = [max(1, round(iterations / len(levels)))] * len(levels)
     budget[-1] = max(1, iterations - sum(budget[:-1]))

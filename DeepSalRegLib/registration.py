@@ -268,7 +268,8 @@ def register(
         f_mask = sitk.GetArrayFromImage(geometry.resample_onto(fmask_img, grid, labels=True)) > 0
     if mmask_img is not None:
         m_mask = sitk.GetArrayFromImage(geometry.resample_onto(mmask_img, grid, labels=True)) > 0
-    f_norm = geometry.normalise_intensity(f_arr, f_mask if f_mask is not None else inside_fixed)
+    region = f_mask if f_mask is not None else inside_fixed  # where the fixed image counts
+    f_norm = geometry.normalise_intensity(f_arr, region)
     m_norm = geometry.normalise_intensity(m_arr, m_mask)
 
     def tensor(a):
@@ -296,9 +297,9 @@ def register(
             candidate = compose(start, net(f_t, m_in)["flow"])  # the network's field after the affine map
             # guard: keep the network's field only if it aligns better than its start, by the LNCC it was
             # trained to lower (a pair unlike its training data must not be made worse)
-            region = tensor(f_mask if f_mask is not None else inside_fixed)
-            loss_start = float(lncc_similarity(f_t, warp(m_t, start), region, window=7))
-            loss_net = float(lncc_similarity(f_t, warp(m_t, candidate), region, window=7))
+            weight = tensor(region)
+            loss_start = float(lncc_similarity(f_t, warp(m_t, start), weight, window=7))
+            loss_net = float(lncc_similarity(f_t, warp(m_t, candidate), weight, window=7))
             network_kept = loss_net < loss_start
             if network_kept:
                 flow = candidate
@@ -334,7 +335,6 @@ def register(
     saliency = geometry.resample_onto(_on_grid(jsm, grid), fixed_img)
     jacobian = geometry.resample_onto(_on_grid(det, grid), fixed_img, default=1.0)
     w_norm = warped_t[0, 0].cpu().numpy()
-    region = inside_fixed if f_mask is None else f_mask
     log_det = np.log(np.clip(det[region], 1e-6, None))
     metrics = dict(
         model=model_name, device=str(torch_device), dimension=nd, iterations=iterations,

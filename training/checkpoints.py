@@ -12,15 +12,14 @@ The exported model files (``model.pt``, ``last.pt``) are plain ``networks.save_c
 """
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from DeepSalRegLib.errors import ModelError
+from DeepSalRegLib.io import _write_atomically
 
 __all__ = ["STATE_FORMAT", "rng_state", "set_rng_state", "save_state", "load_state", "weights_digest"]
 
@@ -54,16 +53,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def _atomic_save(payload, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return _write_atomically(path, lambda tmp: torch.save(payload, tmp), "training state")
 
 
 def save_state(path, model, optimizer, scheduler, scaler, position: dict, best: dict, config: dict) -> Path:
