@@ -67,7 +67,8 @@ class _Progress:
 def _print_result(result, outdir, paths, out=None):
     out = out or sys.stdout
     m, t = result.metrics, result.timings
-    print(f"model: {m['model']} on {m['device']}; working grid {'x'.join(map(str, m['working_grid']['size']))} "
+    used = " (its field was not used: it did not improve the alignment)" if m.get("network_kept") is False else ""
+    print(f"model: {m['model']}{used} on {m['device']}; working grid {'x'.join(map(str, m['working_grid']['size']))} "
           f"at {m['working_grid']['spacing_mm'][0]} mm; refinement iterations: {m['iterations']}", file=out)
     print(f"similarity (NCC, fixed vs moving): {m['ncc_before']:.3f} before -> {m['ncc_after']:.3f} after; "
           f"folding {100 * m['folding_fraction']:.3f} % of voxels; SD log|J| {m['sd_log_jacobian']:.3f}", file=out)

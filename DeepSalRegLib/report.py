@@ -267,7 +267,8 @@ def _smoothed(picture: np.ndarray, view: _View) -> np.ndarray:
 def _title(result) -> str:
     m = result.metrics or {}
     total = (result.timings or {}).get("total")
-    parts = [f"model: {m.get('model', '?')}", f"device: {m.get('device', '?')}"]
+    model = m.get('model', '?') + (" (field not used: no improvement)" if m.get('network_kept') is False else "")
+    parts = [f"model: {model}", f"device: {m.get('device', '?')}"]
     if m.get("iterations"):
         parts.append(f"{m['iterations']} refinement iterations")
     if total is not None:

@@ -177,6 +177,9 @@ def test_a_network_that_worsens_the_alignment_is_not_used(tmp_path):
         result = DeepSalRegLib.register(image, image, model=str(path), affine=False)
     assert result.metrics["network_kept"] is False
     assert np.abs(sitk.GetArrayFromImage(result.displacement)).max() == 0.0
+    from DeepSalRegLib.report import _title
+
+    assert "field not used" in _title(result)  # the report does not claim the network did the work
     # the shipped network on a pair it can improve is kept
     fixed, moving = SAMPLE_PAIRS["2d"]
     kept = DeepSalRegLib.register(str(fixed), str(moving), affine=False)
