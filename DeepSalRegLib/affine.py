@@ -9,12 +9,16 @@ Convention (as ``warp.py``): working-grid voxel coordinates ``x`` (array axis or
 ``u(x) = (A - I)(x - c) + t`` (fixed -> moving, voxels). The working grid is isotropic, so ``A`` is also the
 physical linear part up to the grid's orientation.
 
-The cost is the same joint-saliency-weighted local NCC as the refinement (``optimise.py``), on a coarse
-pyramid (1/8, 1/4, 1/2 resolution, at most 2^17 voxels per level): milliseconds to tens of milliseconds per
-step. The start is the better of the identity and the centre-of-mass translation; from it and from rotated
-copies of it (+/-20 and +/-40 degrees about each axis) a few probe steps at 1/8 resolution pick the seed of
-the pyramid (a local cost alone falls into a wrong optimum for a hand turned by 30 degrees). The result is
-kept only if its (unweighted) LNCC beats the start's, so the stage cannot make a pair worse by its own measure.
+The cost is the local NCC of the refinement (``optimise.py``), unweighted: a global map of 6 or 12
+parameters cannot be bent locally by structure present in one image only, and on stain pairs of very
+different appearance (ANHIR rat kidney) the joint-saliency weight led it to a wrong optimum (TRE 46 px,
+against 3 px unweighted). It runs on a coarse pyramid (1/8, 1/4, 1/2 resolution, at most 2^17 voxels per
+level): milliseconds to tens of milliseconds per step. The start is the better of the identity and the
+centre-of-mass translation; from it and from rotated copies of it (+/-20 and +/-40 degrees about each axis)
+a few probe steps at 1/8 resolution pick the seed of the pyramid (a local cost alone falls into a wrong
+optimum for a hand turned by 30 degrees). The result is kept only if its LNCC beats the start's, so the
+stage cannot make a pair worse by its own measure. Where only one image has data (outside its field of
+view, outside a mask) does not count.
 """
 from __future__ import annotations
 
@@ -24,9 +28,8 @@ from typing import Callable
 
 import torch
 
-from .losses import jsm_weight, lncc_similarity
+from .losses import lncc_similarity
 from .optimise import _downsample, pyramid_levels
-from .saliency import joint_saliency_map
 from .warp import identity_grid, spatial_dims, warp
 
 __all__ = ["AffineResult", "affine_align", "affine_field"]
@@ -40,7 +43,7 @@ class AffineResult:
         field: ``(1, nd, *S)`` displacement of the affine map on the full working grid (voxels).
         matrix: ``(nd, nd)`` linear part ``A`` (array axis order).
         translation: ``(nd,)`` translation ``t`` in voxels.
-        loss_start, loss_end: the unweighted LNCC loss at the start and at the end, at the finest level used.
+        loss_start, loss_end: the LNCC loss at the start and at the end, at the finest level used.
         accepted: False when the optimised map did not beat the start (then ``field`` is the start's: the
             identity or the centre-of-mass translation).
     """
@@ -102,8 +105,6 @@ def affine_align(
     max_level_voxels: int = 2 ** 17,
     fixed_mask: torch.Tensor | None = None,
     moving_mask: torch.Tensor | None = None,
-    use_jsm: bool = True,
-    jsm_alpha: float = 0.1,
     window: int = 7,
     learning_rate: float = 0.02,
     start_angles=(20.0, 40.0),
@@ -117,7 +118,7 @@ def affine_align(
         levels: downsampling factors, coarse to fine; levels over ``max_level_voxels`` are skipped (the
             coarsest is always kept).
         fixed_mask, moving_mask: optional ``(1, 1, *S)`` masks; the similarity counts only where both are set.
-        use_jsm, jsm_alpha, window: the cost, as in ``instance_optimise``.
+        window: the LNCC window (voxels of each level).
         learning_rate: Adam step of the linear part (per step) and of the translation (in units of the
             grid's half extent); cosine-annealed to 10 % within each level.
         start_angles: rotations (degrees, both signs, about each axis in 3D) tried as starting points,
@@ -141,28 +142,22 @@ def affine_align(
         m_mask = _downsample(moving_mask.float(), factor) if moving_mask is not None else None
         return f_l, m_l, scale, w_mask, m_mask
 
-    def loss_at(f_l, m_l, scale, w_mask, m_mask, weight, a, t):
+    def loss_at(f_l, m_l, scale, w_mask, m_mask, a, t):
         u = affine_field(eye + a, radius * t, f_l.shape[2:], scale)
         warped = warp(m_l, u)
-        w = weight if weight is not None else torch.ones_like(f_l)
+        w = torch.ones_like(f_l)
         if w_mask is not None:
             w = w * w_mask
         if m_mask is not None:
             w = w * warp(m_mask, u)
         return lncc_similarity(f_l, warped, w, window=window), warped
 
-    def saliency_weight(f_l, warped):
-        if not use_jsm:
-            return None
-        with torch.no_grad():
-            return jsm_weight(joint_saliency_map(f_l, warped), jsm_alpha)
-
     # start: the identity or the centre-of-mass translation, whichever aligns better (coarsest level) ...
     coarse = level_inputs(levels[0])
     com_shift = (_centre_of_mass(moving) - _centre_of_mass(fixed)).to(dev, dtype) / radius
     zero = torch.zeros(nd, device=dev, dtype=dtype)
     with torch.no_grad():
-        shifts = sorted((zero, com_shift), key=lambda t: float(loss_at(*coarse, None, linear, t)[0]))
+        shifts = sorted((zero, com_shift), key=lambda t: float(loss_at(*coarse, linear, t)[0]))
         shift.copy_(shifts[0])
     initial = (linear.detach().clone(), shift.detach().clone())
     # ... then a few steps from each of several rotations (a local cost has local optima for large
@@ -175,21 +170,21 @@ def affine_align(
                 shift.copy_(shifts[0])
             probe = torch.optim.Adam([linear, shift], lr=learning_rate)
             for _ in range(probe_steps):
-                loss, _ = loss_at(*coarse, None, linear, shift)
+                loss, _ = loss_at(*coarse, linear, shift)
                 probe.zero_grad()
                 loss.backward()
                 probe.step()
             with torch.no_grad():
-                scored.append((float(loss_at(*coarse, None, linear, shift)[0]), rotation))
+                scored.append((float(loss_at(*coarse, linear, shift)[0]), rotation))
         best = min(scored, key=lambda item: item[0])[1]
         with torch.no_grad():
             linear.copy_(best - eye)  # the probes' few steps only choose the seed: restart from it
             shift.copy_(shifts[0])
 
-    # the yardstick for keeping the result: the unweighted cost at the finest level used
+    # the yardstick for keeping the result: the cost at the finest level used
     finest = coarse if len(levels) == 1 else level_inputs(levels[-1])
     with torch.no_grad():
-        loss_start = float(loss_at(*finest, None, *initial)[0])
+        loss_start = float(loss_at(*finest, *initial)[0])
 
     steps_per_level = [max(1, iterations // len(levels))] * len(levels)
     steps_per_level[-1] = max(1, iterations - sum(steps_per_level[:-1]))
@@ -198,12 +193,8 @@ def affine_align(
         inputs = coarse if index == 0 else finest if index == len(levels) - 1 else level_inputs(factor)
         optimiser = torch.optim.Adam([linear, shift], lr=learning_rate)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=steps, eta_min=0.1 * learning_rate)
-        weight = None
         for step in range(steps):
-            if step % 10 == 0:
-                with torch.no_grad():
-                    weight = saliency_weight(inputs[0], loss_at(*inputs, None, linear, shift)[1])
-            loss, _ = loss_at(*inputs, weight, linear, shift)
+            loss, _ = loss_at(*inputs, linear, shift)
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
@@ -212,7 +203,7 @@ def affine_align(
             if progress is not None and (step % 10 == 0 or step == steps - 1):
                 progress(done / max(iterations, 1), f"affine pre-alignment (1/{factor} resolution) step {done}")
     with torch.no_grad():
-        loss_end = float(loss_at(*finest, None, linear, shift)[0])
+        loss_end = float(loss_at(*finest, linear, shift)[0])
         accepted = loss_end < loss_start
         if not accepted:
             linear.copy_(initial[0])

@@ -140,6 +140,12 @@ def _ncc(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
     return float(a @ b / denom) if denom > 0 else 0.0
 
 
+def _field_of_view(image: sitk.Image, grid: sitk.Image) -> np.ndarray:
+    """Boolean array on ``grid``: where ``image`` has data (inside its physical extent)."""
+    ones = sitk.Cast(image * 0 + 1, sitk.sitkUInt8)
+    return sitk.GetArrayFromImage(geometry.resample_onto(ones, grid, labels=True)) > 0
+
+
 def _on_grid(array: np.ndarray, grid: sitk.Image) -> sitk.Image:
     image = sitk.GetImageFromArray(np.asarray(array, dtype=np.float32))
     image.CopyInformation(grid)
@@ -262,13 +268,17 @@ def register(
                       f"within {budget} voxels; raise max_voxels for more detail")
     f_arr = sitk.GetArrayFromImage(geometry.resample_onto(fixed_img, grid))
     m_arr = sitk.GetArrayFromImage(geometry.resample_onto(moving_img, grid))
-    inside_fixed = sitk.GetArrayFromImage(geometry.resample_onto(sitk.Cast(fixed_img * 0 + 1, sitk.sitkUInt8), grid, labels=True)) > 0
-    f_mask = m_mask = None
+    inside_fixed = _field_of_view(fixed_img, grid)
+    inside_moving = _field_of_view(moving_img, grid)
+    # the similarity counts only where both images have data (and inside the user's masks): the working
+    # grid's padding and the part of the grid the moving image does not cover are zeros, whose edges a
+    # local NCC would otherwise align (ANHIR stain pairs of different sizes failed so)
+    f_mask, m_mask = inside_fixed, inside_moving
     if fmask_img is not None:
-        f_mask = sitk.GetArrayFromImage(geometry.resample_onto(fmask_img, grid, labels=True)) > 0
+        f_mask = f_mask & (sitk.GetArrayFromImage(geometry.resample_onto(fmask_img, grid, labels=True)) > 0)
     if mmask_img is not None:
-        m_mask = sitk.GetArrayFromImage(geometry.resample_onto(mmask_img, grid, labels=True)) > 0
-    region = f_mask if f_mask is not None else inside_fixed  # where the fixed image counts
+        m_mask = m_mask & (sitk.GetArrayFromImage(geometry.resample_onto(mmask_img, grid, labels=True)) > 0)
+    region = f_mask  # where the fixed image counts
     f_norm = geometry.normalise_intensity(f_arr, region)
     m_norm = geometry.normalise_intensity(m_arr, m_mask)
 
@@ -276,14 +286,14 @@ def register(
         return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))[None, None].to(torch_device)
 
     f_t, m_t = tensor(f_norm), tensor(m_norm)
-    f_mask_t = tensor(f_mask) if f_mask is not None else None
-    m_mask_t = tensor(m_mask) if m_mask is not None else None
+    f_mask_t = None if f_mask.all() else tensor(f_mask)  # None: no masking (cheaper)
+    m_mask_t = None if m_mask.all() else tensor(m_mask)
     lap("resample")
 
     pre = None
     if affine:
         report(0.08, "affine pre-alignment")
-        pre = affine_align(f_t, m_t, fixed_mask=f_mask_t, moving_mask=m_mask_t, use_jsm=use_jsm,
+        pre = affine_align(f_t, m_t, fixed_mask=f_mask_t, moving_mask=m_mask_t,
                            progress=lambda frac, msg: report(0.08 + 0.04 * frac, msg))
     lap("affine")
 
@@ -298,6 +308,8 @@ def register(
             # guard: keep the network's field only if it aligns better than its start, by the LNCC it was
             # trained to lower (a pair unlike its training data must not be made worse)
             weight = tensor(region)
+            if m_mask_t is not None:  # both on the same support: where both warped moving images have data
+                weight = weight * warp(m_mask_t, start) * warp(m_mask_t, candidate)
             loss_start = float(lncc_similarity(f_t, warp(m_t, start), weight, window=7))
             loss_net = float(lncc_similarity(f_t, warp(m_t, candidate), weight, window=7))
             network_kept = loss_net < loss_start

@@ -52,8 +52,11 @@ def _gaussian_kernel1d(sigma: float, dtype, device) -> torch.Tensor:
     return k / k.sum()
 
 
-def _smooth(t: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian smoothing of every channel of ``(B, C, *S)`` with zero padding (as the thesis)."""
+def gaussian_smooth(t: torch.Tensor, sigma: float, padding: str = "zeros") -> torch.Tensor:
+    """Separable Gaussian smoothing (``sigma`` in voxels) of every channel of ``(B, C, *S)``.
+
+    ``padding``: ``"zeros"`` (as the thesis, for the structure tensor) or ``"replicate"`` (for fields).
+    """
     nd = spatial_dims(t)
     channels = t.shape[1]
     k = _gaussian_kernel1d(sigma, t.dtype, t.device)
@@ -63,9 +66,14 @@ def _smooth(t: torch.Tensor, sigma: float) -> torch.Tensor:
         shape = [1] * nd
         shape[axis] = k.numel()
         weight = k.view(1, 1, *shape).repeat(channels, 1, *([1] * nd))
-        padding = [0] * nd
-        padding[axis] = radius
-        t = conv(t, weight, padding=tuple(padding), groups=channels)
+        if padding == "zeros":
+            pad = [0] * nd
+            pad[axis] = radius
+            t = conv(t, weight, padding=tuple(pad), groups=channels)
+        else:
+            pad = [0, 0] * nd
+            pad[2 * (nd - 1 - axis)] = pad[2 * (nd - 1 - axis) + 1] = radius
+            t = conv(F.pad(t, pad, mode=padding), weight, groups=channels)
     return t
 
 
@@ -96,7 +104,7 @@ def structure_tensor(image: torch.Tensor, sigma: float = 1.0, spacing=None) -> t
     nd = len(g)
     products = [g[i] * g[i] for i in range(nd)]
     products += [g[i] * g[j] for i, j in itertools.combinations(range(nd), 2)]
-    return _smooth(torch.cat(products, dim=1), sigma)
+    return gaussian_smooth(torch.cat(products, dim=1), sigma)
 
 
 def deviatoric_features(tensor: torch.Tensor, nd: int, distance: str = "exact") -> torch.Tensor:

@@ -101,6 +101,28 @@ def test_affine_prealignment_recovers_a_known_affine_transform(kind, spacing, cr
     assert result.metrics["affine"] is None
 
 
+def test_only_where_both_images_have_data_counts(tmp_path):
+    """A moving image on a bright background covering less of the fixed image (a histology section photographed
+    smaller): the grid outside its field of view is zeros, and aligning that dark edge must not count."""
+    base = sitk.Cast(io.read_image(str(SAMPLE_PAIRS["2d"][0])), sitk.sitkFloat32)
+    base = _with_geometry(base, [1.0, 1.0], 0.0, [0.0, 0.0])
+    bright = sitk.Maximum(base, 0.0) * -1.0 + float(np.percentile(sitk.GetArrayFromImage(base), 99.5))
+    shift = [6.0, -4.0]  # mm, fixed -> moving
+    true = sitk.TranslationTransform(2, shift)
+    nx, ny = bright.GetSize()
+    fixed = bright[3:nx - 2, 1:ny - 4]  # sizes that the working grid pads
+    moved = geometry.resample_onto(bright, bright, transform=sitk.TranslationTransform(2, [-v for v in shift]))
+    moving = moved[nx // 4: nx - nx // 20, ny // 20: ny - ny // 4]  # a smaller field of view, same physical frame
+    points = _tissue_points(fixed)
+    points = points[np.all(np.abs(points - np.mean(points, 0)) < 25, axis=1)]
+    result = DeepSalRegLib.register(fixed, moving, model="none", iterations=0)
+    result.save(tmp_path, report=False)
+    written = sitk.ReadTransform(str(tmp_path / "transform.h5"))
+    error = np.linalg.norm(io.transform_points(written, points) - io.transform_points(true, points), axis=1)
+    assert result.metrics["affine"]["accepted"]
+    assert error.mean() < 0.5, error.mean()  # counting the zeros outside the moving image: 16 mm
+
+
 def test_transform_direction_both_ways():
     """Moving content shifted by +t: the transform maps fixed p to p + t, and resampling with it undoes the shift."""
     fixed = _with_geometry(io.read_image(str(SAMPLE_PAIRS["2d"][0])), [1.0, 1.0], 0.3, [5.0, 7.0])
