@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .losses import jsm_weight, lncc_similarity, negative_jacobian_penalty, smoothness
 from .saliency import gaussian_smooth, joint_saliency_map
@@ -124,7 +125,10 @@ def instance_optimise(
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=steps, eta_min=0.25 * lr)
         weight = None
         def velocity():
-            return gaussian_smooth(residual, velocity_sigma, "replicate") if velocity_sigma > 0 else residual
+            if velocity_sigma <= 0:
+                return residual
+            # recomputed in the backward pass instead of keeping the padded intermediates (256^3: 1.7 GB)
+            return checkpoint(gaussian_smooth, residual, velocity_sigma, "replicate", use_reentrant=False)
 
         def current():
             if diffeomorphic:

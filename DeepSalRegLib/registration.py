@@ -203,9 +203,9 @@ def register(
     from . import models
     from .affine import affine_align
     from .losses import lncc_similarity
-    from .optimise import instance_optimise
+    from .optimise import _downsample, instance_optimise
     from .saliency import joint_saliency_map
-    from .warp import compose, folding_fraction, jacobian_determinant, warp
+    from .warp import compose, folding_fraction, jacobian_determinant, resize_field, warp
 
     def report(fraction, message):
         if progress is not None:
@@ -307,11 +307,17 @@ def register(
             candidate = compose(start, net(f_t, m_in)["flow"])  # the network's field after the affine map
             # guard: keep the network's field only if it aligns better than its start, by the LNCC it was
             # trained to lower (a pair unlike its training data must not be made worse)
-            weight = tensor(region)
+            # (at half resolution above 2^18 voxels: 8x cheaper in 3D, and a comparison needs no fine detail)
+            factor = 2 if f_t[0, 0].numel() > 2 ** 18 else 1
+            f_g, m_g = _downsample(f_t, factor), _downsample(m_t, factor)
+            size = f_g.shape[2:]
+            start_g, candidate_g = resize_field(start, size), resize_field(candidate, size)
+            weight = _downsample(tensor(region), factor)
             if m_mask_t is not None:  # both on the same support: where both warped moving images have data
-                weight = weight * warp(m_mask_t, start) * warp(m_mask_t, candidate)
-            loss_start = float(lncc_similarity(f_t, warp(m_t, start), weight, window=7))
-            loss_net = float(lncc_similarity(f_t, warp(m_t, candidate), weight, window=7))
+                m_mask_g = _downsample(m_mask_t, factor)
+                weight = weight * warp(m_mask_g, start_g) * warp(m_mask_g, candidate_g)
+            loss_start = float(lncc_similarity(f_g, warp(m_g, start_g), weight, window=7))
+            loss_net = float(lncc_similarity(f_g, warp(m_g, candidate_g), weight, window=7))
             network_kept = loss_net < loss_start
             if network_kept:
                 flow = candidate
@@ -334,8 +340,8 @@ def register(
     report(0.9, "exporting the transform")
     with torch.no_grad():
         warped_t = warp(m_t, flow)
-        # large volumes: the displayed JSM is computed at half resolution (8x cheaper in 3D)
-        jsm_downsample = 2 if f_t[0, 0].numel() > 2 ** 21 else 1
+        # large volumes: the displayed JSM is computed at half resolution (8x cheaper in 3D: 0.86 s at 128^3)
+        jsm_downsample = 2 if f_t[0, 0].numel() > 2 ** 20 else 1
         jsm = joint_saliency_map(f_t, warped_t, downsample=jsm_downsample)[0, 0].cpu().numpy()
         det = jacobian_determinant(flow)[0, 0].cpu().numpy()
         folding = folding_fraction(flow, tensor(inside_fixed))
