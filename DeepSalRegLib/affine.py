@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 
 from .losses import lncc_similarity
-from .optimise import _downsample, pyramid_levels
+from .optimise import downsample, pyramid_levels
 from .warp import identity_grid, spatial_dims, warp
 
 __all__ = ["AffineResult", "affine_align", "affine_field"]
@@ -135,11 +135,11 @@ def affine_align(
     shift = torch.zeros(nd, device=dev, dtype=dtype, requires_grad=True)      # t = radius * shift
 
     def level_inputs(factor):
-        f_l, m_l = _downsample(fixed, factor), _downsample(moving, factor)
+        f_l, m_l = downsample(fixed, factor), downsample(moving, factor)
         size = f_l.shape[2:]
         scale = [(n - 1) / max(m - 1, 1) for n, m in zip(shape, size)]
-        w_mask = _downsample(fixed_mask.float(), factor) if fixed_mask is not None else None
-        m_mask = _downsample(moving_mask.float(), factor) if moving_mask is not None else None
+        w_mask = downsample(fixed_mask.float(), factor) if fixed_mask is not None else None
+        m_mask = downsample(moving_mask.float(), factor) if moving_mask is not None else None
         return f_l, m_l, scale, w_mask, m_mask
 
     def loss_at(f_l, m_l, scale, w_mask, m_mask, a, t):

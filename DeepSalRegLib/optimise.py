@@ -27,10 +27,11 @@ from .losses import jsm_weight, lncc_similarity, negative_jacobian_penalty, smoo
 from .saliency import gaussian_smooth, joint_saliency_map
 from .warp import compose, integrate_velocity, resize_field, spatial_dims, warp
 
-__all__ = ["instance_optimise", "pyramid_levels"]
+__all__ = ["downsample", "instance_optimise", "pyramid_levels"]
 
 
-def _downsample(t: torch.Tensor, factor: int) -> torch.Tensor:
+def downsample(t: torch.Tensor, factor: int) -> torch.Tensor:
+    """Average ``(B, C, *S)`` over ``factor``-wide blocks (a partial last block averages what it holds)."""
     if factor == 1:
         return t
     pool = F.avg_pool2d if spatial_dims(t) == 2 else F.avg_pool3d
@@ -111,10 +112,10 @@ def instance_optimise(
     budget[-1] = max(1, iterations - sum(budget[:-1]))
     done = 0
     for factor, steps in zip(levels, budget):
-        f_l, m_l = _downsample(fixed, factor), _downsample(moving, factor)
+        f_l, m_l = downsample(fixed, factor), downsample(moving, factor)
         size = f_l.shape[2:]
-        mask_f = _downsample(fixed_mask.float(), factor) if fixed_mask is not None else None
-        mask_m = _downsample(moving_mask.float(), factor) if moving_mask is not None else None
+        mask_f = downsample(fixed_mask.float(), factor) if fixed_mask is not None else None
+        mask_m = downsample(moving_mask.float(), factor) if moving_mask is not None else None
         base = resize_field(field, size)
         residual = torch.zeros_like(base, requires_grad=True)
         # coarse levels take large steps (capture range), the finest small ones (sub-voxel precision);
@@ -124,19 +125,16 @@ def instance_optimise(
         optimiser = torch.optim.Adam([residual], lr=lr)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=steps, eta_min=0.25 * lr)
         weight = None
+
         def velocity():
             if velocity_sigma <= 0:
                 return residual
             # recomputed in the backward pass instead of keeping the padded intermediates (256^3: 1.7 GB)
             return checkpoint(gaussian_smooth, residual, velocity_sigma, "replicate", use_reentrant=False)
 
-        def current():
-            if diffeomorphic:
-                return compose(base, _exp(velocity()))
-            return base + velocity()
-
         for step in range(steps):
-            u = current()
+            v = velocity()  # smoothed once per step, used by the warp and the regulariser
+            u = compose(base, _exp(v)) if diffeomorphic else base + v
             warped = warp(m_l, u)
             if use_jsm and (weight is None or step % jsm_every == 0):
                 with torch.no_grad():
@@ -147,7 +145,7 @@ def instance_optimise(
             if mask_m is not None:
                 w = w * warp(mask_m, u)
             loss = lncc_similarity(f_l, warped, w, window=window)
-            loss = loss + smoothness_weight * smoothness(velocity() if diffeomorphic else u, "diffusion")
+            loss = loss + smoothness_weight * smoothness(v if diffeomorphic else u, "diffusion")
             if jacobian_weight:
                 loss = loss + jacobian_weight * negative_jacobian_penalty(u, margin=0.05)
             optimiser.zero_grad()

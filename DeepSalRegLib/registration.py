@@ -203,7 +203,7 @@ def register(
     from . import models
     from .affine import affine_align
     from .losses import lncc_similarity
-    from .optimise import _downsample, instance_optimise
+    from .optimise import downsample, instance_optimise
     from .saliency import joint_saliency_map
     from .warp import compose, folding_fraction, jacobian_determinant, resize_field, warp
 
@@ -309,12 +309,12 @@ def register(
             # trained to lower (a pair unlike its training data must not be made worse)
             # (at half resolution above 2^18 voxels: 8x cheaper in 3D, and a comparison needs no fine detail)
             factor = 2 if f_t[0, 0].numel() > 2 ** 18 else 1
-            f_g, m_g = _downsample(f_t, factor), _downsample(m_t, factor)
+            f_g, m_g = downsample(f_t, factor), downsample(m_t, factor)
             size = f_g.shape[2:]
             start_g, candidate_g = resize_field(start, size), resize_field(candidate, size)
-            weight = _downsample(tensor(region), factor)
+            weight = downsample(tensor(region), factor)
             if m_mask_t is not None:  # both on the same support: where both warped moving images have data
-                m_mask_g = _downsample(m_mask_t, factor)
+                m_mask_g = downsample(m_mask_t, factor)
                 weight = weight * warp(m_mask_g, start_g) * warp(m_mask_g, candidate_g)
             loss_start = float(lncc_similarity(f_g, warp(m_g, start_g), weight, window=7))
             loss_net = float(lncc_similarity(f_g, warp(m_g, candidate_g), weight, window=7))
