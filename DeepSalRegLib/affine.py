@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 
 from .losses import lncc_similarity
-from .optimise import downsample, pyramid_levels
+from .optimise import Adam, downsample, pyramid_levels
 from .warp import identity_grid, spatial_dims, warp
 
 __all__ = ["AffineResult", "affine_align", "affine_field"]
@@ -168,10 +168,9 @@ def affine_align(
             with torch.no_grad():
                 linear.copy_(rotation - eye)
                 shift.copy_(shifts[0])
-            probe = torch.optim.Adam([linear, shift], lr=learning_rate)
+            probe = Adam([linear, shift], lr=learning_rate)
             for _ in range(probe_steps):
                 loss, _ = loss_at(*coarse, linear, shift)
-                probe.zero_grad()
                 loss.backward()
                 probe.step()
             with torch.no_grad():
@@ -191,14 +190,11 @@ def affine_align(
     done = 0
     for index, (factor, steps) in enumerate(zip(levels, steps_per_level)):
         inputs = coarse if index == 0 else finest if index == len(levels) - 1 else level_inputs(factor)
-        optimiser = torch.optim.Adam([linear, shift], lr=learning_rate)
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=steps, eta_min=0.1 * learning_rate)
+        optimiser = Adam([linear, shift], lr=learning_rate, steps=steps, final_fraction=0.1)
         for step in range(steps):
             loss, _ = loss_at(*inputs, linear, shift)
-            optimiser.zero_grad()
             loss.backward()
             optimiser.step()
-            schedule.step()
             done += 1
             if progress is not None and (step % 10 == 0 or step == steps - 1):
                 progress(done / max(iterations, 1), f"affine pre-alignment (1/{factor} resolution) step {done}")

@@ -21,13 +21,74 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from .losses import jsm_weight, lncc_similarity, negative_jacobian_penalty, smoothness
 from .saliency import gaussian_smooth, joint_saliency_map
 from .warp import compose, integrate_velocity, resize_field, spatial_dims, warp
 
-__all__ = ["downsample", "instance_optimise", "pyramid_levels"]
+__all__ = ["Adam", "downsample", "instance_optimise", "pyramid_levels"]
+
+
+class Adam:
+    """Adam with a cosine-annealed step: ``torch.optim.Adam`` (betas 0.9/0.999, eps 1e-8) driven by
+    ``CosineAnnealingLR(T_max=steps, eta_min=final_fraction * lr)``, step for step.
+
+    The test-time stages (affine, refinement) use this instead of ``torch.optim``: the first use of
+    ``torch.optim`` (or ``torch.utils.checkpoint``) in a process imports ``torch._dynamo``, 0.9 s on 2 CPU
+    cores, and every command-line or Slicer registration is a fresh process (the 2D demo pair: 1.47 s ->
+    0.55 s). ``Testing/test_optimise.py`` checks it against ``torch.optim``. Training keeps ``torch.optim``.
+
+    Usage: compute the loss, ``loss.backward()``, ``opt.step()`` (which also clears the gradients).
+    """
+
+    def __init__(self, params, lr: float, steps: int | None = None, final_fraction: float = 1.0,
+                 betas=(0.9, 0.999), eps: float = 1e-8):
+        self.params = list(params)
+        self.lr, self.steps, self.final_fraction = lr, steps, final_fraction
+        self.betas, self.eps = betas, eps
+        self.count = 0
+        self.moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in self.params]
+
+    def current_lr(self) -> float:
+        """The step size of the next step (cosine from ``lr`` to ``final_fraction * lr`` over ``steps``)."""
+        if not self.steps:
+            return self.lr
+        low = self.final_fraction * self.lr
+        return low + (self.lr - low) * (1 + math.cos(math.pi * min(self.count, self.steps) / self.steps)) / 2
+
+    @torch.no_grad()
+    def step(self) -> None:
+        lr = self.current_lr()
+        self.count += 1
+        b1, b2 = self.betas
+        correction1, correction2 = 1 - b1 ** self.count, math.sqrt(1 - b2 ** self.count)
+        for p, (m, v) in zip(self.params, self.moments):
+            if p.grad is None:
+                continue
+            m.lerp_(p.grad, 1 - b1)
+            v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+            p.addcdiv_(m, (v.sqrt() / correction2).add_(self.eps), value=-lr / correction1)
+            p.grad = None
+
+
+class _SmoothedVelocity(torch.autograd.Function):
+    """``gaussian_smooth(v, sigma, "replicate")`` that keeps no intermediates: the backward pass recomputes
+    the smoothing (at 256^3 the padded intermediates were 1.7 GB). ``torch.utils.checkpoint`` does the same
+    but imports ``torch._dynamo`` (see ``Adam``)."""
+
+    @staticmethod
+    def forward(ctx, velocity, sigma):
+        ctx.save_for_backward(velocity)
+        ctx.sigma = sigma
+        return gaussian_smooth(velocity, sigma, "replicate")
+
+    @staticmethod
+    def backward(ctx, grad):
+        (velocity,) = ctx.saved_tensors
+        with torch.enable_grad():
+            v = velocity.detach().requires_grad_()
+            smoothed = gaussian_smooth(v, ctx.sigma, "replicate")
+        return torch.autograd.grad(smoothed, v, grad)[0], None
 
 
 def downsample(t: torch.Tensor, factor: int) -> torch.Tensor:
@@ -122,15 +183,13 @@ def instance_optimise(
         # within a level the step is cosine-annealed
         # (with few steps per level, Adam's first sign-like steps would leave a rough field: scale them down)
         lr = min(learning_rate * factor, max_learning_rate) * min(1.0, steps / 30)
-        optimiser = torch.optim.Adam([residual], lr=lr)
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=steps, eta_min=0.25 * lr)
+        optimiser = Adam([residual], lr=lr, steps=steps, final_fraction=0.25)
         weight = None
 
         def velocity():
             if velocity_sigma <= 0:
                 return residual
-            # recomputed in the backward pass instead of keeping the padded intermediates (256^3: 1.7 GB)
-            return checkpoint(gaussian_smooth, residual, velocity_sigma, "replicate", use_reentrant=False)
+            return _SmoothedVelocity.apply(residual, velocity_sigma)
 
         for step in range(steps):
             v = velocity()  # smoothed once per step, used by the warp and the regulariser
@@ -148,10 +207,8 @@ def instance_optimise(
             loss = loss + smoothness_weight * smoothness(v if diffeomorphic else u, "diffusion")
             if jacobian_weight:
                 loss = loss + jacobian_weight * negative_jacobian_penalty(u, margin=0.05)
-            optimiser.zero_grad()
             loss.backward()
             optimiser.step()
-            schedule.step()
             done += 1
             if progress is not None and (step % 5 == 0 or step == steps - 1):
                 progress(done / iterations, f"refining (1/{factor} resolution) step {done}/{iterations}")

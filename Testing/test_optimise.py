@@ -1,0 +1,76 @@
+"""The test-time optimiser and the recomputed velocity smoothing of ``optimise.py`` against torch's own."""
+import math
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from DeepSalRegLib.optimise import Adam, _SmoothedVelocity
+from DeepSalRegLib.saliency import gaussian_smooth
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _rosenbrock(p):
+    return (1 - p[0]) ** 2 + 100 * (p[1] - p[0] ** 2) ** 2 + (p[2:] ** 2).sum()
+
+
+@pytest.mark.parametrize("steps, final_fraction", [(None, 1.0), (40, 0.25), (40, 0.1)])
+def test_adam_follows_torch_optim_step_for_step(steps, final_fraction):
+    start = torch.tensor([-1.2, 1.0, 0.5, -0.3], dtype=torch.float64)
+    ours, theirs = start.clone().requires_grad_(), start.clone().requires_grad_()
+    lr = 0.05
+    mine = Adam([ours], lr=lr, steps=steps, final_fraction=final_fraction)
+    reference = torch.optim.Adam([theirs], lr=lr)
+    schedule = (torch.optim.lr_scheduler.CosineAnnealingLR(reference, T_max=steps, eta_min=final_fraction * lr)
+                if steps else None)
+    for _ in range(steps or 40):
+        _rosenbrock(ours).backward()
+        mine.step()
+        reference.zero_grad()
+        _rosenbrock(theirs).backward()
+        reference.step()
+        if schedule is not None:
+            schedule.step()
+    assert ours.grad is None  # step() clears the gradients
+    assert float((ours.detach() - start).abs().max()) > 0.1  # it moved
+    torch.testing.assert_close(ours.detach(), theirs.detach(), rtol=1e-10, atol=1e-10)
+    if steps:  # the cosine ends at final_fraction * lr
+        assert math.isclose(mine.current_lr(), final_fraction * lr, rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 17, 23), (1, 3, 9, 11, 13)])
+def test_recomputed_smoothing_has_the_gradient_of_the_smoothing(shape):
+    torch.manual_seed(0)
+    v = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(*shape, dtype=torch.float64)
+    (_SmoothedVelocity.apply(v, 1.5) * weight).sum().backward()
+    ours = v.grad.clone()
+    v.grad = None
+    (gaussian_smooth(v, 1.5, "replicate") * weight).sum().backward()
+    torch.testing.assert_close(ours, v.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(_SmoothedVelocity.apply(v, 1.5), gaussian_smooth(v, 1.5, "replicate"))
+
+
+def test_a_registration_does_not_import_torch_dynamo():
+    """Importing ``torch._dynamo`` costs about 0.9 s per process on 2 CPU cores (each command-line or Slicer
+    registration is a fresh process): the affine stage and the refinement must not trigger it."""
+    script = textwrap.dedent(f"""
+        import sys, warnings
+        sys.path.insert(0, {str(ROOT)!r})
+        import torch
+        torch.set_num_threads(1)
+        from DeepSalRegLib.registration import register
+        from DeepSalRegLib.sample_data import SAMPLE_PAIRS
+        fixed, moving = SAMPLE_PAIRS["2d"]
+        warnings.simplefilter("ignore")
+        result = register(fixed, moving, device="cpu", iterations=4)
+        assert result.metrics["affine"] is not None
+        print("torch._dynamo" in sys.modules)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "False"
