@@ -33,11 +33,12 @@ METHODS = {
     "deepsalreg-affine-net": ("DeepSalReg affine + network (default)", "deepsalreg"),
     "deepsalreg-io": ("DeepSalReg + instance optimisation", "deepsalreg"),
     "deepsalreg-io-nojsm": ("DeepSalReg + IO, no JSM (ablation)", "deepsalreg"),
+    "deepsalreg-io-200": ("DeepSalReg + IO, 200 iterations", "deepsalreg"),
     "ants-syn": ("ANTs SyN (antspyx)", "peer"),
     "elastix-bspline": ("elastix affine+B-spline (itk-elastix)", "peer"),
 }
 
-DEFAULT_ITERATIONS = 100
+DEFAULT_ITERATIONS = 100  # deepsalreg-io, deepsalreg-io-nojsm; deepsalreg-io-200 runs twice as many
 
 
 def available(method: str) -> tuple[bool, str]:
@@ -107,6 +108,7 @@ SETUP = {"identity": "benchmarks.methods:setup_identity", "deepsalreg-net": "ben
          "deepsalreg-affine-net": "benchmarks.methods:setup_deepsalreg",
          "deepsalreg-io": "benchmarks.methods:setup_deepsalreg",
          "deepsalreg-io-nojsm": "benchmarks.methods:setup_deepsalreg",
+         "deepsalreg-io-200": "benchmarks.methods:setup_deepsalreg",
          "ants-syn": "benchmarks.methods:setup_ants", "elastix-bspline": "benchmarks.methods:setup_elastix"}
 
 
@@ -136,6 +138,8 @@ def _deepsalreg(method, case, outdir: Path, options) -> dict:
     else:
         model = trained_model(case["dim"]) or "none"
     iterations = 0 if method.endswith("-net") else int(options.get("iterations", DEFAULT_ITERATIONS))
+    if method == "deepsalreg-io-200":
+        iterations *= 2
     dsr = dict(case.get("dsr") or {})
     result = register(case["fixed"], case["moving"], model=model, device=options.get("device", "cpu"),
                       iterations=iterations, use_jsm=(method != "deepsalreg-io-nojsm"),

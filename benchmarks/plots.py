@@ -14,7 +14,8 @@ from .report import COLUMNS, aggregate
 _MARKERS = dict(zip(METHODS, itertools.cycle("xo*sD^vP")))  # robust to new methods
 _SHORT = {"identity": "identity", "deepsalreg-net": "DSR network",
           "deepsalreg-affine-net": "DSR affine\n+ network", "deepsalreg-io": "DSR + IO",
-          "deepsalreg-io-nojsm": "DSR + IO\nno JSM", "ants-syn": "ANTs SyN", "elastix-bspline": "elastix"}
+          "deepsalreg-io-nojsm": "DSR + IO\nno JSM", "deepsalreg-io-200": "DSR + IO\n200 it.",
+          "ants-syn": "ANTs SyN", "elastix-bspline": "elastix"}
 _UNITS = dict(liver="mm", hands="px", anhir="px", drive="px")
 _HIGHER_IS_BETTER = ("dice_mean",)
 
