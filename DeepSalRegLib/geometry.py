@@ -30,6 +30,7 @@ __all__ = [
     "validate_image",
     "make_working_grid",
     "grid_shape",
+    "same_grid",
     "resample_onto",
     "normalise_intensity",
     "array_index_to_physical",
@@ -226,6 +227,17 @@ def make_working_grid(
     return grid
 
 
+def same_grid(a: sitk.Image, b: sitk.Image, tolerance: float = 1e-6) -> bool:
+    """True if ``a`` and ``b`` have the same size, spacing, origin and direction (to ``tolerance``,
+    relative to the spacing for the origin): sampling one on the other's grid is then a copy."""
+    if a.GetDimension() != b.GetDimension() or a.GetSize() != b.GetSize():
+        return False
+    spacing_a, spacing_b = np.asarray(a.GetSpacing()), np.asarray(b.GetSpacing())
+    return (np.allclose(spacing_a, spacing_b, rtol=tolerance, atol=0)
+            and np.allclose(a.GetOrigin(), b.GetOrigin(), rtol=0, atol=tolerance * spacing_a.min())
+            and np.allclose(a.GetDirection(), b.GetDirection(), rtol=0, atol=tolerance))
+
+
 def resample_onto(
     image: sitk.Image,
     reference: sitk.Image,
@@ -249,10 +261,15 @@ def resample_onto(
         raise InputError(
             f"cannot resample a {image.GetDimension()}D image onto a {reference.GetDimension()}D grid."
         )
+    pixel = image.GetPixelID() if labels else sitk.sitkFloat32
+    if transform is None and same_grid(image, reference):
+        # a copy (ITK's linear interpolation at the grid points gives the same values, in 0.04 s per 128^3)
+        out = sitk.Cast(image, pixel)
+        out.CopyInformation(reference)
+        return out
     if transform is None:
         transform = sitk.Transform(image.GetDimension(), sitk.sitkIdentity)
     interpolator = sitk.sitkNearestNeighbor if labels else sitk.sitkLinear
-    pixel = image.GetPixelID() if labels else sitk.sitkFloat32
     return sitk.Resample(image, reference, transform, interpolator, float(default), pixel)
 
 
@@ -371,6 +388,10 @@ def resample_displacement(disp: sitk.Image, reference: sitk.Image) -> sitk.Image
         raise InputError(
             f"cannot resample a {disp.GetDimension()}D field onto a {reference.GetDimension()}D grid."
         )
+    if same_grid(disp, reference):
+        out = sitk.Cast(disp, sitk.sitkVectorFloat64)
+        out.CopyInformation(reference)
+        return out
     identity = sitk.Transform(disp.GetDimension(), sitk.sitkIdentity)
     return sitk.Resample(disp, reference, identity, sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64)
 

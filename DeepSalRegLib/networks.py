@@ -178,7 +178,8 @@ class DeepSalRegNet(nn.Module):
         int_steps: scaling-and-squaring steps.
         jsm_options: keyword options of ``joint_saliency_map``.
     Forward: ``fixed, moving (B, 1, *S)`` of any size -> dict with ``flow_coarse``, ``flow`` (voxel fields),
-    ``warped_coarse``, ``warped``, ``jsm`` (``(B,1,*S)``) and ``flows_multiscale`` (list, padded grid).
+    ``warped_coarse``, ``warped`` (None with ``warp_output=False``: inference that warps later itself),
+    ``jsm`` (``(B,1,*S)``) and ``flows_multiscale`` (list, padded grid).
     """
 
     def __init__(self, ndim=2, global_widths=((16, 32), (32, 32), (64, 64), (64, 64)), first_kernels=(3, 3),
@@ -207,7 +208,7 @@ class DeepSalRegNet(nn.Module):
     def _to_field(self, v):
         return integrate_velocity(v, self.int_steps) if self.diffeomorphic else v
 
-    def forward(self, fixed, moving):
+    def forward(self, fixed, moving, warp_output: bool = True):
         nd = spatial_dims(fixed)
         if nd != self.ndim:
             raise ValueError(f"this model is {self.ndim}D but got {nd}D images")
@@ -236,8 +237,8 @@ class DeepSalRegNet(nn.Module):
         delta = self.local_net(torch.cat(inputs, dim=1))
         v = v_coarse + delta if self.residual else delta
         flow = self._to_field(v)
-        return dict(flow_coarse=flow_coarse, flow=flow, warped_coarse=warped_coarse, warped=warp(moving, flow),
-                    jsm=jsm, flows_multiscale=multiscale)
+        return dict(flow_coarse=flow_coarse, flow=flow, warped_coarse=warped_coarse,
+                    warped=warp(moving, flow) if warp_output else None, jsm=jsm, flows_multiscale=multiscale)
 
 
 #: Named configurations: ``model`` holds ``DeepSalRegNet`` arguments, ``loss`` the ``RegistrationLoss`` ones.

@@ -141,7 +141,7 @@ class _PairDistance(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a, b):
-        d = torch.sqrt(((a - b) ** 2).sum(dim=1, keepdim=True) + _EPS)
+        d = (a - b).square_().sum(dim=1, keepdim=True).add_(_EPS).sqrt_()
         ctx.save_for_backward(a, b, d)
         return d - _SQRT_EPS
 

@@ -23,6 +23,7 @@ from DeepSalRegLib.geometry import (
     physical_to_array_index,
     resample_displacement,
     resample_onto,
+    same_grid,
     validate_image,
     voxel_field_to_physical,
 )
@@ -415,6 +416,40 @@ def test_resample_onto_labels_stay_labels_and_identity_is_exact():
     np.testing.assert_array_equal(sitk.GetArrayViewFromImage(same), labels)
     with pytest.raises(InputError):
         resample_onto(image, sitk.Image([4, 4, 4], sitk.sitkFloat32))
+
+
+@pytest.mark.parametrize("case", ["2d", "3d"])
+def test_same_grid_shortcut_equals_itk_resampling(case):
+    """Sampling onto an identical grid is a copy (no ITK pass): it must give what ITK's resampler gives, and a
+    grid that differs by a tenth of a voxel in origin, or in spacing or direction, must not take the shortcut."""
+    shape = (30, 26) if case == "2d" else (12, 20, 18)
+    nd = len(shape)
+    grid = make_grid(shape, spacing=(0.9, 1.7, 3.0)[:nd], origin=(5.0, -3.0, 11.0)[:nd], direction=rotation(nd, 25.0))
+    rng = np.random.default_rng(4)
+    image = sitk.GetImageFromArray(rng.random(shape).astype(np.float32))
+    image.CopyInformation(grid)
+    itk = sitk.Resample(image, grid, sitk.Transform(nd, sitk.sitkIdentity), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    assert same_grid(image, grid)
+    np.testing.assert_allclose(sitk.GetArrayFromImage(resample_onto(image, grid)),
+                               sitk.GetArrayFromImage(itk), atol=1e-6)
+    disp = displacement_image(sinusoid_field(shape, amplitude=2.0).transpose(*range(1, nd + 1), 0), grid)
+    itk_disp = sitk.Resample(disp, grid, sitk.Transform(nd, sitk.sitkIdentity), sitk.sitkLinear, 0.0,
+                             sitk.sitkVectorFloat64)
+    np.testing.assert_allclose(sitk.GetArrayFromImage(resample_displacement(disp, grid)),
+                               sitk.GetArrayFromImage(itk_disp), atol=1e-9)
+    shifted = sitk.Image(grid)
+    shifted.SetOrigin(tuple(np.add(grid.GetOrigin(), 0.1 * min(grid.GetSpacing()))))
+    stretched = sitk.Image(grid)
+    stretched.SetSpacing(tuple(np.multiply(grid.GetSpacing(), 1.01)))
+    turned = make_grid(shape, spacing=grid.GetSpacing(), origin=grid.GetOrigin(), direction=rotation(nd, 26.0))
+    for other in (shifted, stretched, turned):
+        assert not same_grid(image, other)
+        np.testing.assert_allclose(  # the general path: ITK samples the shifted points
+            sitk.GetArrayFromImage(resample_onto(image, other)),
+            sitk.GetArrayFromImage(sitk.Resample(image, other, sitk.Transform(nd, sitk.sitkIdentity),
+                                                     sitk.sitkLinear, 0.0, sitk.sitkFloat32)), atol=1e-6)
+        assert not np.allclose(sitk.GetArrayFromImage(resample_onto(image, other)),
+                               sitk.GetArrayFromImage(image), atol=1e-3)
 
 
 def test_normalise_intensity_robust_window():
