@@ -13,8 +13,8 @@ method's own process). Keys of a case:
   (ANHIR's rTRE divisor);
 * ``dsr`` (DeepSalReg options for this case, e.g. the working-grid spacing) and ``notes``.
 
-Scales: ``"full"`` (the committed results), ``"quick"`` (one pair per dataset, coarser grids: a few
-minutes) and ``"tiny"`` (CI: a handful of very small pairs, seconds).
+Scales: ``"full"`` (the committed results, ~42 min on 2 cores), ``"quick"`` (one pair per dataset, coarser
+grids: 10.5 min on 2 cores with the peers) and ``"tiny"`` (CI: a handful of very small pairs, seconds).
 """
 from __future__ import annotations
 
