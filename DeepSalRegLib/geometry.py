@@ -238,6 +238,14 @@ def same_grid(a: sitk.Image, b: sitk.Image, tolerance: float = 1e-6) -> bool:
             and np.allclose(a.GetDirection(), b.GetDirection(), rtol=0, atol=tolerance))
 
 
+def _copy_onto(image: sitk.Image, reference: sitk.Image, pixel: int) -> sitk.Image:
+    """``image`` as ``pixel`` type with ``reference``'s geometry: resampling onto a ``same_grid`` (ITK's
+    linear interpolation at the grid points gives these values) without an ITK pass (0.04 s per 128^3)."""
+    out = sitk.Cast(image, pixel)
+    out.CopyInformation(reference)
+    return out
+
+
 def resample_onto(
     image: sitk.Image,
     reference: sitk.Image,
@@ -262,12 +270,9 @@ def resample_onto(
             f"cannot resample a {image.GetDimension()}D image onto a {reference.GetDimension()}D grid."
         )
     pixel = image.GetPixelID() if labels else sitk.sitkFloat32
-    if transform is None and same_grid(image, reference):
-        # a copy (ITK's linear interpolation at the grid points gives the same values, in 0.04 s per 128^3)
-        out = sitk.Cast(image, pixel)
-        out.CopyInformation(reference)
-        return out
     if transform is None:
+        if same_grid(image, reference):
+            return _copy_onto(image, reference, pixel)
         transform = sitk.Transform(image.GetDimension(), sitk.sitkIdentity)
     interpolator = sitk.sitkNearestNeighbor if labels else sitk.sitkLinear
     return sitk.Resample(image, reference, transform, interpolator, float(default), pixel)
@@ -389,9 +394,7 @@ def resample_displacement(disp: sitk.Image, reference: sitk.Image) -> sitk.Image
             f"cannot resample a {disp.GetDimension()}D field onto a {reference.GetDimension()}D grid."
         )
     if same_grid(disp, reference):
-        out = sitk.Cast(disp, sitk.sitkVectorFloat64)
-        out.CopyInformation(reference)
-        return out
+        return _copy_onto(disp, reference, sitk.sitkVectorFloat64)
     identity = sitk.Transform(disp.GetDimension(), sitk.sitkIdentity)
     return sitk.Resample(disp, reference, identity, sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64)
 
