@@ -67,8 +67,9 @@ class DeepSalReg(ScriptedLoadableModule):
         self.parent.contributors = ["DeepSalReg developers"]
         self.parent.helpText = _(
             "Unsupervised deep deformable registration (2D/3D) guided by a joint saliency map. "
-            "Pick a fixed and a moving volume and press Apply: after an affine pre-alignment, the networks (and, "
-            "with refinement iterations, a test-time optimisation) compute a deformable transform, applied "
+            "Pick a fixed and a moving volume and press Apply: an affine pre-alignment, the networks and a "
+            "test-time refinement that stops when converged (Quality: fast, balanced, accurate) compute a "
+            "deformable transform, applied "
             "to the moving volume, shown as a grid in the slice views, with the joint saliency as a colour "
             "overlay, the Jacobian determinant and, when landmarks are given, a table of target registration "
             "errors. The registration runs in a separate process and can be cancelled. "
@@ -97,6 +98,20 @@ class Device(enum.Enum):
         return {Device.AUTO: _("Automatic (GPU if available)"), Device.CPU: _("CPU"), Device.GPU: _("GPU (CUDA)")}[self]
 
 
+class Quality(enum.Enum):
+    """How long the refinement after the network runs; the value is what the library's ``--quality`` takes
+    (``DeepSalRegLib/quality.py``). ``FIXED`` uses the expert's fixed step count (``iterations``) instead."""
+
+    FAST = "fast"
+    BALANCED = "balanced"
+    ACCURATE = "accurate"
+    FIXED = "fixed"
+
+    def label(self):
+        return {Quality.FAST: _("Fast"), Quality.BALANCED: _("Balanced (default)"), Quality.ACCURATE: _("Accurate"),
+                Quality.FIXED: _("Fixed step count")}[self]
+
+
 @parameterNodeWrapper
 class DeepSalRegParameterNode:
     """What the panel shows, kept in the scene so that a saved scene restores it.
@@ -105,7 +120,8 @@ class DeepSalRegParameterNode:
     fixedLandmarks, movingLandmarks - optional corresponding point lists, for the TRE table.
     model - a shipped model name or the path of a model file in the models folder.
     device - auto, CPU or GPU.
-    iterations - test-time refinement steps after the network (0: affine pre-alignment and network only).
+    quality - how long the refinement after the network runs (it stops by itself when converged), or FIXED.
+    iterations - with quality FIXED: exactly this many refinement steps (0: affine pre-alignment and network only).
     affine - affine pre-alignment before the network.
     outputTransform, warpedVolume, saliencyVolume, jacobianVolume, treTable - outputs (empty: created).
     runInProcess - run inside Slicer's process (blocks the GUI; for debugging).
@@ -117,6 +133,7 @@ class DeepSalRegParameterNode:
     movingLandmarks: vtkMRMLMarkupsFiducialNode
     model: str = "default"
     device: Device = Device.AUTO
+    quality: Quality = Quality.BALANCED
     iterations: Annotated[int, WithinRange(0, 1000)] = 0
     affine: bool = True
     outputTransform: vtkMRMLTransformNode
@@ -221,6 +238,8 @@ class DeepSalRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _checkCanApply(self, caller=None, event=None) -> None:
         p = self._parameterNode
+        # the step count is the expert's alternative to the quality's convergence stop
+        self.ui.iterationsSpinBox.enabled = bool(p) and p.quality == Quality.FIXED
         if self._running():
             self.ui.applyButton.enabled = False
             return
@@ -278,7 +297,8 @@ class DeepSalRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             movingLandmarks=p.movingLandmarks,
             model=p.model or "default",
             device=p.device.value,
-            iterations=p.iterations,
+            quality=p.quality.value if p.quality != Quality.FIXED else "balanced",
+            iterations=p.iterations if p.quality == Quality.FIXED else None,
             affine=p.affine,
             warpedVolume=p.warpedVolume,
             saliencyVolume=p.saliencyVolume,
@@ -534,9 +554,9 @@ class DeepSalRegLogic(ScriptedLoadableModuleLogic):
                                 jacobian=jacobianVolume, tre_table=treTable, create_warped=createWarped)
 
     def startProcess(self, fixedVolume, movingVolume, outputTransform=None, fixedLandmarks=None, movingLandmarks=None,
-                     model="default", device="auto", iterations=0, warpedVolume=None, saliencyVolume=None,
+                     model="default", device="auto", iterations=None, warpedVolume=None, saliencyVolume=None,
                      jacobianVolume=None, treTable=None, createWarped=False, progressCallback=None, showResults=True,
-                     affine=True):
+                     affine=True, quality="balanced", timeBudget=None):
         """Start a registration in a child process and return its ``RegistrationJob`` at once.
 
         Call ``job.poll()`` regularly from the GUI thread (the panel uses a timer) until it returns True, then
@@ -548,7 +568,8 @@ class DeepSalRegLogic(ScriptedLoadableModuleLogic):
             slicer.mrmlScene,
             fixedVolume,
             movingVolume,
-            options=glue.RegistrationOptions(model=model, device=device, iterations=iterations, affine=affine),
+            options=glue.RegistrationOptions(model=model, device=device, quality=quality, iterations=iterations,
+                                             affine=affine, time_budget=timeBudget),
             nodes=self._outputNodes(outputTransform, warpedVolume, saliencyVolume, jacobianVolume, treTable, createWarped),
             fixed_landmarks=fixedLandmarks,
             moving_landmarks=movingLandmarks,
@@ -563,9 +584,9 @@ class DeepSalRegLogic(ScriptedLoadableModuleLogic):
         return job.start()
 
     def process(self, fixedVolume, movingVolume, outputTransform=None, fixedLandmarks=None, movingLandmarks=None,
-                model="default", device="auto", iterations=0, warpedVolume=None, saliencyVolume=None,
+                model="default", device="auto", iterations=None, warpedVolume=None, saliencyVolume=None,
                 jacobianVolume=None, treTable=None, createWarped=False, inProcess=False, progressCallback=None,
-                showResults=True, timeout=None, affine=True):
+                showResults=True, timeout=None, affine=True, quality="balanced", timeBudget=None):
         """Register ``movingVolume`` to ``fixedVolume`` and return the result nodes (waits until done).
 
         Args:
@@ -577,7 +598,10 @@ class DeepSalRegLogic(ScriptedLoadableModuleLogic):
             model: a shipped model ("default" picks "default-2d" or "default-3d"), the path of a model file, or
                 "none" (no network: refinement from the identity).
             device: "auto", "cpu" or "cuda".
-            iterations: test-time refinement steps after the network.
+            quality: "fast", "balanced" (default) or "accurate": how long the refinement after the network runs;
+                it stops by itself when converged (``DeepSalRegLib/quality.py``; costs in the README).
+            iterations: expert: exactly this many refinement steps instead (0: affine + network only).
+            timeBudget: optional seconds: the refinement ends early so the registration takes about this long.
             affine: affine pre-alignment before the network (off only for roughly aligned pairs).
             warpedVolume, saliencyVolume, jacobianVolume, treTable: nodes to fill (default: new ones; the warped
                 volume only with ``createWarped=True`` or when given).
@@ -597,7 +621,8 @@ class DeepSalRegLogic(ScriptedLoadableModuleLogic):
                 slicer.mrmlScene,
                 fixedVolume,
                 movingVolume,
-                options=glue.RegistrationOptions(model=model, device=device, iterations=iterations, affine=affine),
+                options=glue.RegistrationOptions(model=model, device=device, quality=quality, iterations=iterations,
+                                                 affine=affine, time_budget=timeBudget),
                 nodes=self._outputNodes(outputTransform, warpedVolume, saliencyVolume, jacobianVolume, treTable, createWarped),
                 fixed_landmarks=fixedLandmarks,
                 moving_landmarks=movingLandmarks,
@@ -606,7 +631,7 @@ class DeepSalRegLogic(ScriptedLoadableModuleLogic):
             )
         job = self.startProcess(fixedVolume, movingVolume, outputTransform, fixedLandmarks, movingLandmarks, model, device,
                                 iterations, warpedVolume, saliencyVolume, jacobianVolume, treTable, createWarped,
-                                progressCallback, showResults, affine)
+                                progressCallback, showResults, affine, quality, timeBudget)
         idle = slicer.app.processEvents if hasattr(slicer, "app") else None
         return job.wait(timeout=timeout, idle=idle)
 

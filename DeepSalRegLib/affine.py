@@ -22,6 +22,7 @@ view, outside a mask) does not count.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -29,7 +30,7 @@ from typing import Callable
 import torch
 
 from .losses import lncc_similarity
-from .optimise import Adam, downsample, pyramid_levels
+from .optimise import Adam, Convergence, downsample, pyramid_levels
 from .warp import identity_grid, spatial_dims, warp
 
 __all__ = ["AffineResult", "affine_align", "affine_field"]
@@ -109,6 +110,7 @@ def affine_align(
     learning_rate: float = 0.02,
     start_angles=(20.0, 40.0),
     probe_steps: int = 15,
+    convergence: Convergence | None = None,
     progress: Callable[[float, str], None] | None = None,
 ) -> AffineResult:
     """Find the affine map that best aligns ``moving`` to ``fixed`` (both ``(1, 1, *S)`` on one grid, in [0, 1]).
@@ -123,6 +125,8 @@ def affine_align(
             grid's half extent); cosine-annealed to 10 % within each level.
         start_angles: rotations (degrees, both signs, about each axis in 3D) tried as starting points,
             ``probe_steps`` steps each at the coarsest level, besides no rotation; ``()`` = no probing.
+        convergence: optional stopping rule: a level ends early once its loss stops improving
+            (``Convergence.stop``; its ``max_steps`` is ignored: a level's budget is its share of ``iterations``).
         progress: ``progress(fraction, message)`` callback.
     """
     nd = spatial_dims(fixed)
@@ -191,11 +195,16 @@ def affine_align(
     for index, (factor, steps) in enumerate(zip(levels, steps_per_level)):
         inputs = coarse if index == 0 else finest if index == len(levels) - 1 else level_inputs(factor)
         optimiser = Adam([linear, shift], lr=learning_rate, steps=steps, final_fraction=0.1)
+        losses = []
+        rule = None if convergence is None else dataclasses.replace(convergence, max_steps=steps)
         for step in range(steps):
             loss, _ = loss_at(*inputs, linear, shift)
             loss.backward()
             optimiser.step()
             done += 1
+            losses.append(float(loss))
+            if rule is not None and rule.stop(losses, None):
+                break
             if progress is not None and (step % 10 == 0 or step == steps - 1):
                 progress(done / max(iterations, 1), f"affine pre-alignment (1/{factor} resolution) step {done}")
     with torch.no_grad():

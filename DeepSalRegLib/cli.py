@@ -14,14 +14,16 @@ import warnings
 from pathlib import Path
 
 from .errors import DeepSalRegError, InputError
+from .quality import DEFAULT_QUALITY, PRESETS
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BATCH_FAILURES, EXIT_INTERRUPTED = 0, 1, 6, 130
 
 EXAMPLES = """\
 examples:
   deepsalreg demo                                   # register the shipped sample pairs -> demo_output/
-  deepsalreg register fixed.nrrd moving.nrrd -o out/
-  deepsalreg register fixed.nii.gz moving.nii.gz -o out/ --iterations 100 --transform out/fixed_to_moving.tfm
+  deepsalreg register fixed.nrrd moving.nrrd -o out/                  # quality balanced (the default)
+  deepsalreg register fixed.nrrd moving.nrrd -o out/ --quality fast     # or accurate; --time-budget 10
+  deepsalreg register fixed.nii.gz moving.nii.gz -o out/ --iterations 0 --transform out/fixed_to_moving.tfm
   deepsalreg register exhale.mha inhale.mha -o out/ --fixed-landmarks f.csv --moving-landmarks m.csv
   deepsalreg warp moving_labels.nrrd out/transform.h5 -o labels_on_fixed.nrrd --reference fixed.nrrd --labels
   deepsalreg batch pairs.csv -o results/            # columns: fixed,moving[,fixed_landmarks,moving_landmarks,...]
@@ -64,12 +66,22 @@ class _Progress:
             self.bar = None
 
 
+def _refinement_line(m) -> str:
+    """'refinement: balanced, 112 steps (levels 1/8..1/1: 30, 30, 32, 20)' or 'no refinement'."""
+    r = m.get("refinement") or {}
+    if not r.get("steps"):
+        return "no refinement (affine + network only)"
+    how = f"quality {r['quality']}" if r.get("quality") else "fixed count"
+    levels = ", ".join(f"1/{f}: {n}" for f, n in zip(r["levels"], r["steps"]))
+    return f"refinement ({how}): {sum(r['steps'])} steps ({levels})"
+
+
 def _print_result(result, outdir, paths, out=None):
     out = out or sys.stdout
     m, t = result.metrics, result.timings
     used = " (its field was not used: it did not improve the alignment)" if m.get("network_kept") is False else ""
     print(f"model: {m['model']}{used} on {m['device']}; working grid {'x'.join(map(str, m['working_grid']['size']))} "
-          f"at {m['working_grid']['spacing_mm'][0]} mm; refinement iterations: {m['iterations']}", file=out)
+          f"at {m['working_grid']['spacing_mm'][0]} mm; {_refinement_line(m)}", file=out)
     print(f"similarity (NCC, fixed vs moving): {m['ncc_before']:.3f} before -> {m['ncc_after']:.3f} after; "
           f"folding {100 * m['folding_fraction']:.3f} % of voxels; SD log|J| {m['sd_log_jacobian']:.3f}", file=out)
     if result.tre is not None:
@@ -91,6 +103,7 @@ def _register_one(args, fixed, moving, outdir, fixed_landmarks=None, moving_land
     progress = _Progress(args.progress_lines, args.quiet, label)
     try:
         result = register(fixed, moving, model=args.model, device=args.device, iterations=args.iterations,
+                          quality=args.quality, time_budget=args.time_budget,
                           fixed_mask=fixed_mask, moving_mask=moving_mask, fixed_landmarks=fixed_landmarks,
                           moving_landmarks=moving_landmarks, progress=progress, max_voxels=args.max_voxels,
                           affine=args.affine)
@@ -219,10 +232,10 @@ def cmd_demo(args):
         if args.model == "default":
             if name in shipped:
                 print(f"== {kind.upper()} demo: {fixed.name} (fixed) <- {moving.name} (moving), shipped model "
-                      f"{name} ({shipped[name].get('description', '')}), {args.iterations} refinement iterations")
+                      f"{name} ({shipped[name].get('description', '')}), quality {args.quality}")
             else:
                 print(f"== {kind.upper()} demo: no trained {name} model is shipped in this version; "
-                      f"using instance optimisation only ({args.iterations or 100} iterations)")
+                      f"using instance optimisation only (quality {args.quality})")
         result, paths = _register_one(args, str(fixed), str(moving), outdir / kind, label=f"{kind} demo")
         _print_result(result, outdir / kind, paths)
     print(f"open {outdir}/2d/report.png and {outdir}/3d/report.png to see the results" if len(kinds) == 2 else
@@ -235,9 +248,14 @@ def _add_common(p):
                    help="shipped model name (default picks default-2d/default-3d), a .pt checkpoint, or 'none' "
                         "(instance optimisation only)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to compute (default: auto)")
+    p.add_argument("--quality", default=DEFAULT_QUALITY, choices=list(PRESETS),
+                   help="how long the refinement after the network runs; it stops by itself when converged: "
+                        + "; ".join(f"{q.name} = {q.description}" for q in PRESETS.values()))
+    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="end the refinement early so that the registration takes about this long")
     p.add_argument("--iterations", type=int, default=None, metavar="N",
-                   help="instance-optimisation steps after the network: 0 = affine + network only (fast), "
-                        "50-200 = most accurate")
+                   help="expert: exactly N refinement steps instead of the quality's convergence stop "
+                        "(0 = affine + network only)")
     p.add_argument("--no-affine", dest="affine", action="store_false",
                    help="skip the affine pre-alignment (network alone: fastest, for roughly aligned pairs)")
     p.add_argument("--max-voxels", type=int, default=None, metavar="N",
@@ -293,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="demo_output", metavar="OUTDIR", help="default: demo_output")
     p.add_argument("--which", default="both", choices=["2d", "3d", "both"])
     _add_common(p)
-    p.set_defaults(func=cmd_demo, iterations=50)
+    p.set_defaults(func=cmd_demo)
     return parser
 
 
@@ -307,10 +325,10 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    if getattr(args, "iterations", 0) is None:
-        args.iterations = 0
-    if getattr(args, "iterations", 0) < 0:
+    if (getattr(args, "iterations", None) or 0) < 0:
         parser.error("--iterations must be >= 0")
+    if getattr(args, "time_budget", None) is not None and not args.time_budget > 0:
+        parser.error("--time-budget must be a positive number of seconds")
     warnings.showwarning = _warning_line
     try:
         return args.func(args)

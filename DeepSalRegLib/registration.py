@@ -165,7 +165,7 @@ def register(
     moving,
     model: str = "default",
     device: str = "auto",
-    iterations: int = 0,
+    iterations: int | None = None,
     fixed_mask=None,
     moving_mask=None,
     fixed_landmarks=None,
@@ -175,6 +175,8 @@ def register(
     spacing=None,
     use_jsm: bool = True,
     affine: bool = True,
+    quality: str | None = None,
+    time_budget: float | None = None,
 ) -> RegistrationResult:
     """Register ``moving`` to ``fixed``; returns physical-space results on the fixed grid.
 
@@ -185,8 +187,11 @@ def register(
         model: a shipped model name (``"default"`` picks ``default-2d``/``default-3d``), a checkpoint path,
             or ``"none"`` (no network: instance optimisation from the identity).
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
-        iterations: instance-optimisation steps after the network (0 = network only, the fast default;
-            50-200 give classic-method accuracy).
+        iterations: None (default): the refinement after the network stops by itself per pyramid level
+            (``quality``); ``N > 0``: exactly N refinement steps (the expert's fixed count); 0: no refinement
+            (affine + network only).
+        quality: ``"fast"``, ``"balanced"`` (default) or ``"accurate"`` (``quality.PRESETS``): how long the
+            refinement runs and on which velocity grid.
         fixed_mask, moving_mask: optional label images/paths; the refinement's similarity counts only inside.
         fixed_landmarks, moving_landmarks: optional landmark files (CSV LPS, .fcsv, .mrk.json) or ``(N, nd)``
             arrays of physical LPS points; with both, the TRE before and after is reported.
@@ -195,15 +200,18 @@ def register(
             registered on a coarser grid (with a warning) and the field is interpolated back.
         spacing: working-grid spacing in mm (default: isotropic at the fixed image's finest spacing).
         use_jsm: weight the refinement's similarity by the joint saliency map (False = ablation).
-        affine: affine pre-alignment before the network (``affine.py``; ~0.2 s in 2D, 2-3 s for a 3D pair on
+        affine: affine pre-alignment before the network (``affine.py``; ~0.2 s in 2D, 1-2 s for a 3D pair on
             2 CPU cores). False = the network alone (fastest; only for pairs already roughly aligned).
+        time_budget: optional seconds for the whole call: the refinement ends early (each remaining pyramid
+            level gets an equal share of the time left) so the result arrives about then.
     """
     import torch
 
     from . import models
     from .affine import affine_align
     from .losses import lncc_similarity
-    from .optimise import downsample, instance_optimise
+    from .optimise import Convergence, downsample, instance_optimise
+    from .quality import preset
     from .saliency import joint_saliency_map
     from .warp import compose, folding_fraction, jacobian_determinant, resize_field, warp
 
@@ -220,9 +228,12 @@ def register(
         timings[name] = timings.get(name, 0.0) + now - t
         t = now
 
-    if iterations is None or int(iterations) < 0:
+    if iterations is not None and int(iterations) < 0:
         raise InputError(f"iterations must be a non-negative integer, got {iterations}.")
-    iterations = int(iterations)
+    iterations = None if iterations is None else int(iterations)
+    settings = preset(quality)
+    if time_budget is not None and not time_budget > 0:
+        raise InputError(f"the time budget must be a positive number of seconds, got {time_budget}.")
     report(0.0, "reading images")
     fixed_img = io.read_image(fixed, "fixed image")
     moving_img = io.read_image(moving, "moving image")
@@ -252,7 +263,7 @@ def register(
         if model == "default" and f"default-{nd}d" not in models.registry():
             warnings.warn(f"no trained default-{nd}d model is shipped yet; using instance optimisation only")
             net, model_name, multiple = None, "none (no shipped default model)", 8
-            iterations = iterations or 100
+            iterations = iterations or None
         else:
             net, _, model_name = models.load(model, nd, torch_device)
             multiple = net.multiple
@@ -294,6 +305,8 @@ def register(
     if affine:
         report(0.08, "affine pre-alignment")
         pre = affine_align(f_t, m_t, fixed_mask=f_mask_t, moving_mask=m_mask_t,
+                           convergence=Convergence(tolerance=settings.affine_tolerance)
+                           if settings.affine_tolerance else None,
                            progress=lambda frac, msg: report(0.08 + 0.04 * frac, msg))
     lap("affine")
 
@@ -331,12 +344,16 @@ def register(
                               "alignment")
     lap("network")
 
-    if iterations > 0:
-        report(0.15, f"refining ({iterations} iterations)")
+    refinement = dict(quality=settings.name if iterations is None else None, levels=[], steps=[], seconds=[])
+    if iterations != 0:
+        report(0.15, "refining" + (f" ({iterations} iterations)" if iterations else f" ({settings.name})"))
+        deadline = None if time_budget is None else t_start + float(time_budget)
         flow = instance_optimise(
             f_t, m_t, flow, iterations,
             fixed_mask=f_mask_t, moving_mask=m_mask_t,
-            use_jsm=use_jsm,
+            use_jsm=use_jsm, velocity_factor=settings.velocity_factor,
+            convergence=Convergence(max_steps=settings.max_steps, tolerance=settings.tolerance, deadline=deadline),
+            stats=refinement,
             progress=lambda frac, msg: report(0.15 + 0.75 * frac, msg),
         )
     lap("optimise")
@@ -359,7 +376,8 @@ def register(
     w_norm = warped_t[0, 0].cpu().numpy()
     log_det = np.log(np.clip(det[region], 1e-6, None))
     metrics = dict(
-        model=model_name, device=str(torch_device), dimension=nd, iterations=iterations,
+        model=model_name, device=str(torch_device), dimension=nd, iterations=sum(refinement["steps"]),
+        refinement=refinement,
         working_grid=dict(size=list(grid.GetSize()), spacing_mm=[round(s, 4) for s in grid.GetSpacing()]),
         ncc_before=_ncc(f_norm, m_norm, region), ncc_after=_ncc(f_norm, w_norm, region),
         folding_fraction=folding, sd_log_jacobian=float(np.std(log_det)),

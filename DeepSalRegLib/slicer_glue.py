@@ -42,6 +42,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import DeviceError, InputError, ModelError, OutputError
+from .quality import DEFAULT_QUALITY, preset
 
 __all__ = [
     "lps_to_ras",
@@ -567,15 +568,23 @@ class RegistrationOptions:
 
     model: str = "default"
     device: str = "auto"  # "auto" | "cpu" | "cuda"
-    iterations: int = 0
+    quality: str = DEFAULT_QUALITY  # quality.PRESETS: the refinement stops by itself when converged
+    iterations: int | None = None  # expert: a fixed refinement step count instead (0 = none)
     affine: bool = True  # affine pre-alignment before the network
+    time_budget: float | None = None  # seconds: the refinement ends early to finish about then
 
     def __post_init__(self):
         if self.device not in ("auto", "cpu", "cuda"):
             raise InputError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
-        if int(self.iterations) < 0:
-            raise InputError(f"iterations must be >= 0, got {self.iterations}")
-        self.iterations = int(self.iterations)
+        self.quality = preset(self.quality).name
+        if self.iterations is not None:
+            if int(self.iterations) < 0:
+                raise InputError(f"iterations must be >= 0, got {self.iterations}")
+            self.iterations = int(self.iterations)
+        if self.time_budget is not None:
+            if not float(self.time_budget) > 0:
+                raise InputError(f"the time budget must be a positive number of seconds, got {self.time_budget}")
+            self.time_budget = float(self.time_budget)
         self.affine = bool(self.affine)
 
 
@@ -800,7 +809,8 @@ def register_nodes(scene, fixed, moving, options: RegistrationOptions | None = N
     if register is None:
         from . import register
     result = register(fixed_image, moving_image, model=options.model, device=options.device,
-                      iterations=options.iterations, affine=options.affine, fixed_landmarks=fixed_points,
+                      iterations=options.iterations, quality=options.quality, time_budget=options.time_budget,
+                      affine=options.affine, fixed_landmarks=fixed_points,
                       moving_landmarks=moving_points, progress=progress)
     return import_outputs(scene, outputs_from_result(result), fixed, moving, nodes, moving_landmarks, labels, show)
 
@@ -823,8 +833,11 @@ def cli_arguments(fixed_path, moving_path, output_folder, options: RegistrationO
     ``report=False`` skips ``report.png``: Slicer shows the results itself.
     """
     args = ["register", str(fixed_path), str(moving_path), "-o", str(output_folder),
-            "--model", options.model, "--device", options.device, "--iterations", str(options.iterations),
-            "--progress-lines"]
+            "--model", options.model, "--device", options.device, "--quality", options.quality, "--progress-lines"]
+    if options.iterations is not None:
+        args += ["--iterations", str(options.iterations)]
+    if options.time_budget is not None:
+        args += ["--time-budget", repr(options.time_budget)]
     if not options.affine:
         args.append("--no-affine")
     if not report:

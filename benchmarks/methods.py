@@ -24,7 +24,7 @@ import shutil
 import time
 from pathlib import Path
 
-__all__ = ["METHODS", "available", "trained_model", "run_method", "setup"]
+__all__ = ["METHODS", "available", "supports", "trained_model", "run_method", "setup"]
 
 #: name -> (short label for tables, family)
 METHODS = {
@@ -34,9 +34,18 @@ METHODS = {
     "deepsalreg-io": ("DeepSalReg + instance optimisation", "deepsalreg"),
     "deepsalreg-io-nojsm": ("DeepSalReg + IO, no JSM (ablation)", "deepsalreg"),
     "deepsalreg-io-200": ("DeepSalReg + IO, 200 iterations", "deepsalreg"),
+    "deepsalreg-fast": ("DeepSalReg quality fast", "deepsalreg"),
+    "deepsalreg-balanced": ("DeepSalReg default (quality balanced)", "deepsalreg"),
+    "deepsalreg-balanced-nojsm": ("DeepSalReg balanced, no JSM (ablation)", "deepsalreg"),
+    "deepsalreg-accurate": ("DeepSalReg quality accurate", "deepsalreg"),
     "ants-syn": ("ANTs SyN (antspyx)", "peer"),
     "elastix-bspline": ("elastix affine+B-spline (itk-elastix)", "peer"),
+    "convexadam": ("ConvexAdam (convexadam, MIND)", "peer"),
 }
+
+#: the quality preset of each ``deepsalreg-<quality>`` row (no fixed step count: the refinement stops itself)
+QUALITY_ROWS = {"deepsalreg-fast": "fast", "deepsalreg-balanced": "balanced",
+                "deepsalreg-balanced-nojsm": "balanced", "deepsalreg-accurate": "accurate"}
 
 DEFAULT_ITERATIONS = 100  # deepsalreg-io, deepsalreg-io-nojsm; deepsalreg-io-200 runs twice as many
 
@@ -52,7 +61,14 @@ def available(method: str) -> tuple[bool, str]:
             importlib.metadata.version("itk-elastix")
         except importlib.metadata.PackageNotFoundError:
             return False, "itk-elastix is not installed (pip install -r benchmarks/requirements.txt)"
+    if method == "convexadam" and importlib.util.find_spec("convexAdam") is None:
+        return False, "convexadam is not installed (pip install -r benchmarks/requirements.txt)"
     return True, ""
+
+
+def supports(method: str, dim: int) -> bool:
+    """Whether ``method`` registers ``dim``-D images (ConvexAdam: 3D only)."""
+    return not (method == "convexadam" and dim != 3)
 
 
 def trained_model(dim: int) -> str | None:
@@ -86,6 +102,9 @@ def setup(method: str) -> None:
 
         itk.ElastixRegistrationMethod  # noqa: B018  (itk loads its modules lazily)
         itk.TransformixFilter  # noqa: B018
+    elif method == "convexadam":
+        import torch  # noqa: F401
+        from convexAdam import convex_adam_MIND  # noqa: F401
 
 
 def setup_identity():
@@ -104,12 +123,18 @@ def setup_elastix():
     setup("elastix-bspline")
 
 
+def setup_convexadam():
+    setup("convexadam")
+
+
 SETUP = {"identity": "benchmarks.methods:setup_identity", "deepsalreg-net": "benchmarks.methods:setup_deepsalreg",
          "deepsalreg-affine-net": "benchmarks.methods:setup_deepsalreg",
          "deepsalreg-io": "benchmarks.methods:setup_deepsalreg",
          "deepsalreg-io-nojsm": "benchmarks.methods:setup_deepsalreg",
          "deepsalreg-io-200": "benchmarks.methods:setup_deepsalreg",
-         "ants-syn": "benchmarks.methods:setup_ants", "elastix-bspline": "benchmarks.methods:setup_elastix"}
+         **{m: "benchmarks.methods:setup_deepsalreg" for m in QUALITY_ROWS},
+         "ants-syn": "benchmarks.methods:setup_ants", "elastix-bspline": "benchmarks.methods:setup_elastix",
+         "convexadam": "benchmarks.methods:setup_convexadam"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -140,9 +165,12 @@ def _deepsalreg(method, case, outdir: Path, options) -> dict:
     iterations = 0 if method.endswith("-net") else int(options.get("iterations", DEFAULT_ITERATIONS))
     if method == "deepsalreg-io-200":
         iterations *= 2
+    quality = QUALITY_ROWS.get(method)
+    if quality is not None:
+        iterations = None  # the preset's convergence stop
     dsr = dict(case.get("dsr") or {})
     result = register(case["fixed"], case["moving"], model=model, device=options.get("device", "cpu"),
-                      iterations=iterations, use_jsm=(method != "deepsalreg-io-nojsm"),
+                      iterations=iterations, quality=quality, use_jsm=not method.endswith("-nojsm"),
                       affine=(method != "deepsalreg-net"),
                       spacing=dsr.get("spacing"), max_voxels=dsr.get("max_voxels"))
     path = dio.write_transform(result.displacement, outdir / "transform.h5")
@@ -192,6 +220,33 @@ def _elastix(case, outdir: Path, options) -> dict:
                                              for i in range(result.GetNumberOfParameterMaps())])
 
 
+def _convexadam(case, outdir: Path, options) -> dict:
+    """ConvexAdam with its defaults (MIND-SSC, convex search, 80 Adam steps), on the fixed grid.
+
+    It works on arrays: the moving image is first resampled onto the fixed grid through physical space
+    (identity), so its voxel field (array axes, voxels, ``W(x) = M(x + u(x))``) is a fixed -> moving map
+    there; it is converted here to a physical LPS displacement image on the fixed grid. 3D only.
+    """
+    import numpy as np
+    import SimpleITK as sitk
+    import torch
+    from convexAdam.convex_adam_MIND import convex_adam_pt
+
+    if case["dim"] != 3:
+        raise ValueError("ConvexAdam registers 3D volumes only")
+    fixed = sitk.ReadImage(case["fixed"], sitk.sitkFloat32)
+    moving = sitk.Resample(sitk.ReadImage(case["moving"], sitk.sitkFloat32), fixed, sitk.Transform(), sitk.sitkLinear, 0.0)
+    u = convex_adam_pt(img_fixed=torch.from_numpy(sitk.GetArrayFromImage(fixed)),
+                       img_moving=torch.from_numpy(sitk.GetArrayFromImage(moving)), device=torch.device("cpu"))
+    index_xyz = np.asarray(u, dtype=np.float64)[..., ::-1] * np.asarray(fixed.GetSpacing())  # array axes -> x, y, z mm
+    physical = index_xyz @ np.asarray(fixed.GetDirection()).reshape(3, 3).T
+    field = sitk.GetImageFromArray(physical, isVector=True)
+    field.CopyInformation(fixed)
+    path = outdir / "transform.nrrd"
+    sitk.WriteImage(field, str(path), True)
+    return dict(transform=str(path))
+
+
 def run_method(method: str, case: dict, outdir: str, options: dict | None = None) -> dict:
     """Register ``case`` with ``method``, writing into ``outdir``; returns the transform path and facts."""
     options = dict(options or {})
@@ -206,6 +261,8 @@ def run_method(method: str, case: dict, outdir: str, options: dict | None = None
         out = _ants(case, outdir, options)
     elif method == "elastix-bspline":
         out = _elastix(case, outdir, options)
+    elif method == "convexadam":
+        out = _convexadam(case, outdir, options)
     else:
         raise ValueError(f"unknown method {method!r}")
     out["method_s"] = time.perf_counter() - t0

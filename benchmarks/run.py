@@ -25,7 +25,7 @@ from pathlib import Path
 from . import conventions, datasets, evaluation, missing_correspondence, plots, report, scaling
 from .machine import load_average, machine_info
 from .measure import run_inline, run_isolated
-from .methods import METHODS, SETUP, available, trained_model
+from .methods import METHODS, SETUP, available, supports, trained_model
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = Path(os.environ.get("DEEPSALREG_SHARED_DATA", HERE.parent.parent / "shared" / "data"))
@@ -58,6 +58,8 @@ def run_cases(cases, methods, runner: Runner, work: Path, log=print) -> list[dic
     rows = []
     for case in cases:
         for method in methods:
+            if not supports(method, case["dim"]):
+                continue
             outdir = work / "transforms" / case["name"] / method
             rep = runner(method, case, outdir)
             row = dict(dataset=case["dataset"], case=case["name"], dim=case["dim"], method=method, ok=bool(rep.get("ok")),
@@ -170,7 +172,7 @@ def main(argv=None) -> dict:
         log("conventions: known translation, every method's written transform read back")
         convention_rows = conventions.check(
             [m for m in methods if m != "identity"], work, runner, log=log,
-            skip=lambda method, dim: method == "deepsalreg-net" and not models[dim])
+            skip=lambda method, dim: (method == "deepsalreg-net" and not models[dim]) or not supports(method, dim))
 
     rows, cases = [], {}
     if "accuracy" not in skip:
@@ -192,9 +194,17 @@ def main(argv=None) -> dict:
     if "scaling" not in skip:
         log("scaling: time and peak memory vs image size")
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-        peers = [m for m in methods if METHODS[m][1] == "peer"]
+        peers = [m for m in methods if METHODS[m][1] == "peer" and m != "convexadam"]  # its rows: 3D pairs only
         scaling_rows = scaling.run(scale, devices, peers, args.data, work, isolate=isolate, log=log)
         ratio_rows = scaling.ratios(scaling_rows)
+    elif (out / "results.json").is_file():
+        # --skip scaling keeps the previous run's scaling rows (each marked with the commit it measured)
+        previous = json.loads((out / "results.json").read_text())
+        commit = previous.get("machine", {}).get("revision")
+        scaling_rows = [dict(row, carried_from=row.get("carried_from") or commit) for row in previous.get("scaling", [])]
+        ratio_rows = previous.get("scaling_ratios", [])
+        if scaling_rows:
+            log(f"scaling: skipped; keeping the {len(scaling_rows)} rows of the previous run (commit {commit})")
 
     loads = runner.loads + [r["load_before"] for r in scaling_rows] + [load_average()]
     command = "python -m benchmarks.run " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))

@@ -3,7 +3,8 @@
 Usage::
 
     Slicer --no-main-window --python-script batch_register.py -- pairs.csv outdir [--model default]
-           [--device auto|cpu|cuda] [--iterations 0] [--no-affine]
+           [--device auto|cpu|cuda] [--quality fast|balanced|accurate] [--time-budget S] [--iterations N]
+           [--no-affine] [--report]
 
 ``pairs.csv`` has a header row with the columns ``fixed`` and ``moving`` and, optionally,
 ``fixed_landmarks``, ``moving_landmarks`` (CSV/.fcsv/.mrk.json, corresponding row by row) and ``name``.
@@ -12,7 +13,8 @@ Relative paths are relative to the folder of ``pairs.csv`` (the format of ``deep
 Each pair is loaded into the scene (volumes with their geometry, landmarks as point lists), registered in
 this process with the library, and its results are saved by the library into ``outdir/<name>/``:
 ``transform.h5`` and ``displacement.nrrd`` (fixed -> moving, LPS), ``warped.nrrd``, ``saliency.nrrd``,
-``jacobian.nrrd``, ``summary.json``, ``report.png`` and, with landmarks, ``tre.csv``. ``outdir/summary.csv``
+``jacobian.nrrd``, ``summary.json``, with ``--report`` ``report.png`` (needs matplotlib, which Slicer does
+not bundle) and, with landmarks, ``tre.csv``. ``outdir/summary.csv``
 gets one row per pair as soon as it is done. A pair that fails is reported on stderr, recorded with status
 ``failed`` and its error, and skipped.
 
@@ -60,7 +62,14 @@ def parse_arguments(argv):
     parser.add_argument("outdir", type=Path, help="output folder (one subfolder per pair, plus summary.csv)")
     parser.add_argument("--model", default="default", help="model name or model file (default: %(default)s)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--iterations", type=int, default=0, help="test-time refinement steps (default: %(default)s)")
+    parser.add_argument("--quality", default="balanced", choices=("fast", "balanced", "accurate"),
+                        help="how long the refinement runs; it stops by itself when converged (default: %(default)s)")
+    parser.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                        help="end each pair's refinement early so that it takes about this long")
+    parser.add_argument("--iterations", type=int, default=None,
+                        help="expert: exactly this many refinement steps instead of the quality (0: none)")
+    parser.add_argument("--report", action="store_true",
+                        help="also write report.png per pair (needs matplotlib, which Slicer does not bundle)")
     parser.add_argument("--no-affine", dest="affine", action="store_false", help="skip the affine pre-alignment")
     return parser.parse_args(argv)
 
@@ -97,8 +106,11 @@ def _remove_nodes(scene, nodes) -> None:
         scene.RemoveNode(node)
 
 
-def register_pair(scene, pair: dict, output: Path, options, register=None, log=print) -> dict:
-    """Load, register and save one pair; returns its summary row (status ``ok`` or ``failed``)."""
+def register_pair(scene, pair: dict, output: Path, options, register=None, log=print, report: bool = False) -> dict:
+    """Load, register and save one pair; returns its summary row (status ``ok`` or ``failed``).
+
+    ``report``: also write ``report.png`` (matplotlib); off by default because Slicer does not bundle it.
+    """
     glue = library()
     from DeepSalRegLib.io import read_image, read_landmarks
 
@@ -126,7 +138,7 @@ def register_pair(scene, pair: dict, output: Path, options, register=None, log=p
         result = glue.register_nodes(scene, fixed, moving, options, fixed_landmarks=fixed_markups,
                                      moving_landmarks=moving_markups, register=register, progress=progress, show=False)
         created += [result.transform, result.warped, result.saliency, result.jacobian, result.tre_table]
-        result.outputs.result.save(output)
+        result.outputs.result.save(output, report=report)
         row["status"] = "ok"
         if result.mean_tre is not None:
             row["tre_before_mm"], row["tre_after_mm"] = (f"{value:.4f}" for value in result.mean_tre)
@@ -161,11 +173,19 @@ def main(argv=None, scene=None, register=None) -> int:
     glue = library()
     try:
         pairs = read_pairs(args.pairs)
-        options = glue.RegistrationOptions(model=args.model, device=args.device, iterations=args.iterations,
-                                           affine=args.affine)
+        options = glue.RegistrationOptions(model=args.model, device=args.device, quality=args.quality,
+                                           iterations=args.iterations, affine=args.affine,
+                                           time_budget=args.time_budget)
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if args.report:
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            print("error: --report needs matplotlib, which this Python does not have (in Slicer: "
+                  "slicer.util.pip_install('matplotlib')); run without --report.", file=sys.stderr)
+            return 2
     if register is None:
         import importlib.util
 
@@ -182,7 +202,8 @@ def main(argv=None, scene=None, register=None) -> int:
         writer.writeheader()
         for number, pair in enumerate(pairs, start=1):
             print(f"Pair {number}/{len(pairs)}: {pair['name']}", flush=True)
-            row = register_pair(scene, pair, args.outdir / pair["name"], options, register=register)
+            row = register_pair(scene, pair, args.outdir / pair["name"], options, register=register,
+                                report=args.report)
             failures += row["status"] != "ok"
             writer.writerow(row)
             handle.flush()

@@ -1,0 +1,65 @@
+"""Named quality presets: how much refinement ``register()`` does after the affine stage and the network.
+
+Every face maps the same names the same way (command line ``--quality``, ``register(quality=...)``, the Slicer
+panel's *Quality* selector, the console logic and headless batch). The refinement of each preset stops by
+itself, level by level, once its loss has stopped improving (``optimise.Convergence``); ``iterations=N``
+(``--iterations N``) is the expert's fixed step count instead, and ``iterations=0`` skips the refinement
+(affine + network only).
+
+What each costs is measured in ``benchmarks/results`` (rows ``deepsalreg-fast``, ``deepsalreg-balanced``,
+``deepsalreg-accurate``); ``README.md`` and the Slicer panel's tooltip quote those numbers.
+
+This module imports nothing heavy: the Slicer panel reads the names and descriptions without torch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["QualityPreset", "PRESETS", "DEFAULT_QUALITY", "preset"]
+
+
+@dataclass(frozen=True)
+class QualityPreset:
+    """One quality preset.
+
+    Attributes:
+        name: what users type (``fast``, ``balanced``, ``accurate``).
+        description: one line for help texts.
+        max_steps: most refinement steps per pyramid level (a level usually stops earlier, by convergence).
+        tolerance: a level stops once its loss, averaged over 5 steps, improved by less than this (the loss is
+            the 0..1 local-NCC loss plus the regulariser) from one 5-step window to the next.
+        velocity_factor: the refinement's velocity lives on a grid this many times coarser than each level
+            (``optimise.velocity_grid``): 2 halves the cost of a step and was as accurate on the benchmark.
+        affine_tolerance: the affine stage's level stops once its loss improved by less than this per window.
+    """
+
+    name: str
+    description: str
+    max_steps: int
+    tolerance: float
+    velocity_factor: int = 2
+    affine_tolerance: float = 5e-4
+
+
+PRESETS = {
+    "fast": QualityPreset("fast", "short refinement (at most 15 steps per level): a few seconds per 3D pair",
+                          max_steps=15, tolerance=3e-3),
+    "balanced": QualityPreset("balanced", "refinement until converged (at most 40 steps per level): the default",
+                              max_steps=40, tolerance=1e-3),
+    "accurate": QualityPreset("accurate", "long refinement on the full-resolution velocity grid (at most 100 "
+                              "steps per level): slowest, for the last fraction of a millimetre",
+                              max_steps=100, tolerance=3e-4, velocity_factor=1, affine_tolerance=0.0),
+}
+
+#: the preset every face uses when the user says nothing
+DEFAULT_QUALITY = "balanced"
+
+
+def preset(name: str | None) -> QualityPreset:
+    """The preset called ``name`` (None: the default); an unknown name raises ``InputError`` listing the known."""
+    from .errors import InputError
+
+    key = (name or DEFAULT_QUALITY).strip().lower()
+    if key not in PRESETS:
+        raise InputError(f"unknown quality {name!r}; use one of: {', '.join(PRESETS)}.")
+    return PRESETS[key]
