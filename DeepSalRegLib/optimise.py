@@ -301,7 +301,7 @@ def instance_optimise(
             loss.backward()
             optimiser.step()
             done += 1
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             if progress is not None and (step % 5 == 0 or step == steps - 1):
                 progress(done / total, f"refining (1/{factor} resolution) step {done}")
             if rule is not None and rule.stop(losses, level_deadline):

@@ -74,3 +74,44 @@ def test_a_registration_does_not_import_torch_dynamo():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_a_level_stops_once_its_loss_stops_improving():
+    from DeepSalRegLib.optimise import Convergence
+
+    rule = Convergence(max_steps=60, min_steps=10, window=5, tolerance=1e-3)
+    falling = [1.0 - 0.01 * i for i in range(60)]  # 0.05 per window: keeps going
+    assert not any(rule.stop(falling[:n], None) for n in range(1, 60))
+    assert rule.stop(falling, None)  # max_steps
+    flat = [0.5] * 30
+    stops = [n for n in range(1, 31) if rule.stop(flat[:n], None)]
+    assert stops[0] == 10  # min_steps, on a window boundary
+    assert not rule.stop([0.5] * 12, None)  # only on window boundaries
+
+
+def test_thin_volumes_keep_coarse_levels_in_plane_and_the_velocity_grid_is_coarser():
+    from DeepSalRegLib.optimise import downsample, level_factors, pyramid_levels, velocity_grid
+
+    assert level_factors((16, 112, 112), 8) == (2, 8, 8)
+    assert pyramid_levels((16, 112, 112), (8, 4, 2, 1), 2 ** 20) == [8, 4, 2, 1]
+    assert downsample(torch.zeros(1, 1, 16, 112, 112), 8).shape[2:] == (8, 14, 14)
+    assert pyramid_levels((8, 8), (8, 4, 2, 1), 2 ** 20) == [8]  # nothing coarser than 8 voxels: one level
+    assert velocity_grid((48, 96, 80), 2) == (24, 48, 40)
+    assert velocity_grid((12, 96, 80), 2) == (12, 48, 40)
+
+
+def test_a_passed_deadline_ends_each_level_after_one_step():
+    import time
+
+    from DeepSalRegLib.optimise import Convergence, instance_optimise
+
+    g = torch.Generator().manual_seed(0)
+    fixed = torch.nn.functional.avg_pool2d(torch.rand(1, 1, 64, 64, generator=g), 5, 1, 2)
+    moving = torch.roll(fixed, 2, 2)
+    stats = {}
+    instance_optimise(fixed, moving, None, None, convergence=Convergence(deadline=time.perf_counter() - 1),
+                      stats=stats)
+    assert stats["steps"] == [1]  # the first level used its (empty) share; the others did not start
+    stats = {}
+    instance_optimise(fixed, moving, None, None, convergence=Convergence(max_steps=30), stats=stats)
+    assert stats["levels"] == [8, 4, 2, 1] and all(1 <= n <= 30 for n in stats["steps"])

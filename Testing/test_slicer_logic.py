@@ -617,3 +617,45 @@ def test_module_file_imports_light_and_its_logic_registers_nodes(monkeypatch, sc
     assert (f"mine.pt (models folder)", str(tmp_path / "models" / "mine.pt")) in models
     assert models[-1][1] == "none"
     assert logic.clearModelsFolder() == 1 and not (tmp_path / "models").exists()
+
+
+def test_batch_runs_without_matplotlib_and_passes_the_quality(scene, tmp_path, monkeypatch):
+    """Slicer does not bundle matplotlib: by default the batch writes no report.png, so every pair succeeds;
+    ``--report`` without matplotlib is refused up front (exit 2) instead of failing each pair afterwards."""
+    batch = _load_batch_script()
+    fixed_image, moving_image = phantom_pair()
+    sitk.WriteImage(fixed_image, str(tmp_path / "fixed.nrrd"))
+    sitk.WriteImage(moving_image, str(tmp_path / "moving.nrrd"))
+    (tmp_path / "pairs.csv").write_text("fixed,moving,name\nfixed.nrrd,moving.nrrd,one\n")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # "import matplotlib" now raises ImportError
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a, real=importlib.util.find_spec: None if name == "matplotlib" else real(name, *a))
+    seen = []
+
+    def register(fixed, moving, **kwargs):
+        seen.append(kwargs)
+        return known_result(fixed, moving)
+
+    code = batch.main([str(tmp_path / "pairs.csv"), str(tmp_path / "out"), "--quality", "fast"], scene=scene,
+                      register=register)
+    assert code == 0
+    assert (tmp_path / "out" / "one" / "transform.h5").is_file()
+    assert not (tmp_path / "out" / "one" / "report.png").exists()
+    assert seen[0]["quality"] == "fast" and seen[0]["iterations"] is None
+    assert batch.main([str(tmp_path / "pairs.csv"), str(tmp_path / "out2"), "--report"], scene=scene,
+                      register=register) == 2
+    assert not (tmp_path / "out2").exists()
+
+
+def test_quality_travels_to_the_command_line_and_unknown_names_are_refused():
+    options = glue.RegistrationOptions(quality="accurate", time_budget=12)
+    args = glue.cli_arguments("f.nrrd", "m.nrrd", "out", options)
+    assert args[args.index("--quality") + 1] == "accurate"
+    assert float(args[args.index("--time-budget") + 1]) == 12.0
+    assert "--iterations" not in args  # the preset's own stop, not a fixed count
+    default = glue.cli_arguments("f.nrrd", "m.nrrd", "out", glue.RegistrationOptions())
+    assert default[default.index("--quality") + 1] == "balanced"
+    with pytest.raises(InputError, match="unknown quality"):
+        glue.RegistrationOptions(quality="best")
+    with pytest.raises(InputError, match="time budget"):
+        glue.RegistrationOptions(time_budget=0)

@@ -313,7 +313,7 @@ def test_ui_widgets_fit_the_parameter_types():
             assert cls in ("QCheckBox", "ctkCheckBox"), parameter
         elif annotation.startswith("Annotated[int") or annotation == "int":
             assert cls in ("QSpinBox", "QSlider"), parameter
-        elif annotation == "Device":
+        elif annotation in ("Device", "Quality"):  # enums: a combo box filled with the members
             assert cls in ("QComboBox", "ctkComboBox"), parameter
         else:
             raise AssertionError(f"no widget rule for {parameter}: {annotation}")

@@ -14,7 +14,9 @@ _MARKERS = dict(zip(METHODS, itertools.cycle("xo*sD^vP")))  # robust to new meth
 _SHORT = {"identity": "identity", "deepsalreg-net": "DSR network",
           "deepsalreg-affine-net": "DSR affine\n+ network", "deepsalreg-io": "DSR + IO",
           "deepsalreg-io-nojsm": "DSR + IO\nno JSM", "deepsalreg-io-200": "DSR + IO\n200 it.",
-          "ants-syn": "ANTs SyN", "elastix-bspline": "elastix"}
+          "deepsalreg-fast": "DSR fast", "deepsalreg-balanced": "DSR default\n(balanced)",
+          "deepsalreg-balanced-nojsm": "DSR balanced\nno JSM", "deepsalreg-accurate": "DSR accurate",
+          "ants-syn": "ANTs SyN", "elastix-bspline": "elastix", "convexadam": "ConvexAdam"}
 _UNITS = dict(liver="mm", hands="px", anhir="px", drive="px")
 _HIGHER_IS_BETTER = ("dice_mean",)
 
