@@ -202,7 +202,7 @@ def affine_align(
             loss.backward()
             optimiser.step()
             done += 1
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             if rule is not None and rule.stop(losses, None):
                 break
             if progress is not None and (step % 10 == 0 or step == steps - 1):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import sys
 import time
 import warnings
@@ -320,6 +321,10 @@ def _warning_line(message, category, filename, lineno, file=None, line=None):
 
 
 def main(argv=None) -> int:
+    # OpenMP threads that spin while they wait make a registration many times slower on a busy machine
+    # (2D sample pair with 40 refinement steps, 2 cores, 3 busy processes: 9.8 s spinning, 2.4 s passive,
+    # 1.1 s on an idle machine either way). Set before torch is first imported; the user's value wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

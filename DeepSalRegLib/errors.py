@@ -34,3 +34,9 @@ class OutputError(DeepSalRegError):
     """The output location cannot be written."""
 
     exit_code = 5
+
+
+class MemoryLimitError(DeepSalRegError):
+    """The registration would need more memory than this machine has available (checked before the work)."""
+
+    exit_code = 2

@@ -49,14 +49,21 @@ class Adam:
         self.lr, self.steps, self.final_fraction = lr, steps, final_fraction
         self.betas, self.eps = betas, eps
         self.count = 0
+        self.schedule_start, self.schedule_lr = 0, lr  # where the cosine starts (``finish_within`` moves it)
         self.moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in self.params]
 
     def current_lr(self) -> float:
         """The step size of the next step (cosine from ``lr`` to ``final_fraction * lr`` over ``steps``)."""
         if not self.steps:
-            return self.lr
+            return self.schedule_lr
         low = self.final_fraction * self.lr
-        return low + (self.lr - low) * (1 + math.cos(math.pi * min(self.count, self.steps) / self.steps)) / 2
+        t = min(self.count - self.schedule_start, self.steps)
+        return low + (self.schedule_lr - low) * (1 + math.cos(math.pi * t / self.steps)) / 2
+
+    def finish_within(self, steps: int) -> None:
+        """Anneal from the current step size to the final one within ``steps`` more steps (an early stop that
+        ends with the small steps of a full schedule instead of mid-stride)."""
+        self.schedule_lr, self.schedule_start, self.steps = self.current_lr(), self.count, max(1, int(steps))
 
     @torch.no_grad()
     def step(self) -> None:
@@ -149,28 +156,35 @@ class Convergence:
     """When a pyramid level of the refinement stops by itself (``instance_optimise(iterations=None)``).
 
     A level stops once the loss, averaged over windows of ``window`` steps, improved by less than
-    ``tolerance`` (in units of the 0..1 LNCC loss) from one window to the next, after ``min_steps``; at the
+    ``tolerance`` (in units of the 0..1 LNCC loss) from one window to the next, after ``min_steps``: it then
+    anneals its step to the final size over one more window (``Adam.finish_within``) and stops; at the
     latest after ``max_steps``. ``deadline`` (``time.perf_counter()`` value) ends the refinement early:
     each remaining level gets an equal share of the time left when it starts.
     """
 
     max_steps: int = 60
+    max_steps_finest: int | None = None  # the finest level's cap (its steps cost the most); None: max_steps
     min_steps: int = 10
     window: int = 5
     tolerance: float = 1e-3
     deadline: float | None = None
 
-    def stop(self, losses: list[float], level_deadline: float | None) -> bool:
+    def stop(self, losses: list[float], level_deadline: float | None, max_steps: int | None = None) -> bool:
+        """Whether the level ends now: its time is up, it took its most steps, or it has converged."""
+        return self.reason(losses, level_deadline, max_steps) is not None
+
+    def reason(self, losses: list[float], level_deadline: float | None, max_steps: int | None = None) -> str | None:
+        """``"deadline"``, ``"max_steps"`` (``max_steps`` or this level's cap), ``"converged"`` or None (go on)."""
         if level_deadline is not None and time.perf_counter() >= level_deadline:
-            return True
+            return "deadline"
         n = len(losses)
-        if n >= self.max_steps:
-            return True
+        if n >= (max_steps or self.max_steps):
+            return "max_steps"
         if n < max(self.min_steps, 2 * self.window) or n % self.window:
-            return False
+            return None
         previous = sum(losses[-2 * self.window:-self.window]) / self.window
         latest = sum(losses[-self.window:]) / self.window
-        return previous - latest < self.tolerance
+        return "converged" if previous - latest < self.tolerance else None
 
 
 def instance_optimise(
@@ -237,7 +251,7 @@ def instance_optimise(
     levels = pyramid_levels(shape, levels, max_level_voxels)
     if iterations is None:
         rule = convergence or Convergence()
-        budget = [rule.max_steps] * len(levels)
+        budget = [rule.max_steps] * (len(levels) - 1) + [rule.max_steps_finest or rule.max_steps]
     else:
         rule = None
         # equal steps per level: the coarse ones are cheap and the finest one sets sub-voxel accuracy
@@ -269,6 +283,7 @@ def instance_optimise(
         optimiser = Adam([residual], lr=lr, steps=steps, final_fraction=0.25)
         weight = None
         losses = []
+        tail = None  # the step after which a converged level stops
 
         def velocity():
             if velocity_sigma <= 0:
@@ -304,8 +319,14 @@ def instance_optimise(
             losses.append(float(loss.detach()))
             if progress is not None and (step % 5 == 0 or step == steps - 1):
                 progress(done / total, f"refining (1/{factor} resolution) step {done}")
-            if rule is not None and rule.stop(losses, level_deadline):
-                break
+            if rule is not None:
+                why = rule.reason(losses, level_deadline, steps)
+                if why in ("deadline", "max_steps") or (tail is not None and len(losses) >= tail):
+                    break
+                if why == "converged" and tail is None:
+                    # converged: finish the cosine step schedule over one more window, then stop
+                    optimiser.finish_within(rule.window)
+                    tail = len(losses) + rule.window
         taken.append(len(losses))
         seconds.append(round(time.perf_counter() - level_start, 3))
         if rule is not None:

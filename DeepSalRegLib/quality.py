@@ -39,13 +39,14 @@ class QualityPreset:
     tolerance: float
     velocity_factor: int = 2
     affine_tolerance: float = 5e-4
+    max_steps_finest: int | None = None
 
 
 PRESETS = {
     "fast": QualityPreset("fast", "short refinement (at most 15 steps per level): a few seconds per 3D pair",
                           max_steps=15, tolerance=3e-3),
-    "balanced": QualityPreset("balanced", "refinement until converged (at most 40 steps per level): the default",
-                              max_steps=40, tolerance=1e-3),
+    "balanced": QualityPreset("balanced", "refinement until converged (at most 40 steps per level, 20 at full "
+                              "resolution): the default", max_steps=40, tolerance=1e-3, max_steps_finest=20),
     "accurate": QualityPreset("accurate", "long refinement on the full-resolution velocity grid (at most 100 "
                               "steps per level): slowest, for the last fraction of a millimetre",
                               max_steps=100, tolerance=3e-4, velocity_factor=1, affine_tolerance=0.0),

@@ -107,7 +107,7 @@ class RegistrationResult:
             paths[name] = path
             return path
 
-        io.write_transform(self.displacement, target("transform.h5"))
+        io.write_transform(self.transform, target("transform.h5"))  # no second float64 copy of the field
         io.write_transform(self.displacement, target("displacement.nrrd"))
         io.write_image(self.warped, target("warped.nrrd"))
         io.write_image(self.saliency, target("saliency.nrrd"))
@@ -177,6 +177,7 @@ def register(
     affine: bool = True,
     quality: str | None = None,
     time_budget: float | None = None,
+    memory_check: bool = True,
 ) -> RegistrationResult:
     """Register ``moving`` to ``fixed``; returns physical-space results on the fixed grid.
 
@@ -202,6 +203,8 @@ def register(
         use_jsm: weight the refinement's similarity by the joint saliency map (False = ablation).
         affine: affine pre-alignment before the network (``affine.py``; ~0.2 s in 2D, 1-2 s for a 3D pair on
             2 CPU cores). False = the network alone (fastest; only for pairs already roughly aligned).
+        memory_check: estimate the peak memory first (``memory.py``) and raise ``MemoryLimitError`` when it
+            exceeds what is available, instead of being killed half-way.
         time_budget: optional seconds for the whole call: the refinement ends early (each remaining pyramid
             level gets an equal share of the time left) so the result arrives about then.
     """
@@ -246,6 +249,10 @@ def register(
     for mask, name in ((fmask_img, "fixed mask"), (mmask_img, "moving mask")):
         if mask is not None and mask.GetDimension() != nd:
             raise InputError(f"The {name} is {mask.GetDimension()}D but the images are {nd}D.")
+    if memory_check:
+        from .memory import check_memory
+
+        check_memory(fixed_img.GetSize(), moving_img.GetSize())
     fixed_pts, labels = _landmarks(fixed_landmarks, "fixed landmarks")
     moving_pts, _ = _landmarks(moving_landmarks, "moving landmarks")
     if (fixed_pts is None) != (moving_pts is None):
@@ -352,7 +359,8 @@ def register(
             f_t, m_t, flow, iterations,
             fixed_mask=f_mask_t, moving_mask=m_mask_t,
             use_jsm=use_jsm, velocity_factor=settings.velocity_factor,
-            convergence=Convergence(max_steps=settings.max_steps, tolerance=settings.tolerance, deadline=deadline),
+            convergence=Convergence(max_steps=settings.max_steps, max_steps_finest=settings.max_steps_finest,
+                                    tolerance=settings.tolerance, deadline=deadline),
             stats=refinement,
             progress=lambda frac, msg: report(0.15 + 0.75 * frac, msg),
         )

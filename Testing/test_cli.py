@@ -118,6 +118,7 @@ def _write(tmp_path, name, image):
     ("overwrite_input", 5, "input"),
     ("corrupt_model", 3, "cannot read model"),
     ("unknown_model", 3, "unknown model"),
+    ("no_memory", 2, "needs about"),
 ])
 def test_bad_input_gives_one_line_and_exit_code(case, expected_code, message, pair2d, tmp_path, capsys, monkeypatch):
     f, m = pair2d
@@ -153,6 +154,10 @@ def test_bad_input_gives_one_line_and_exit_code(case, expected_code, message, pa
         extra = ["--model", str(junk)]
     elif case == "unknown_model":
         extra = ["--model", "resnet-9000"]
+    elif case == "no_memory":  # the estimate is checked before the work: a pair that cannot fit is refused
+        from DeepSalRegLib import memory
+
+        monkeypatch.setattr(memory, "available_bytes", lambda: 1e8)
     before = _digest([p for p in (f,) if Path(p).exists()])
     code, _, err = _run(["register", f, m, "-o", out, "--iterations", "2", "-q", "--no-report", *extra], capsys)
     assert code == expected_code, err
@@ -196,3 +201,15 @@ def test_console_script_help_has_examples():
     out = subprocess.run([sys.executable, "-m", "DeepSalRegLib.cli", "register", "--help"], capture_output=True,
                          text=True, check=True).stdout
     assert "examples:" in out and "--iterations" in out and "exit codes" in out
+
+
+def test_the_command_line_waits_passively_on_a_busy_machine():
+    """OpenMP threads that spin while waiting made a 2D pair 4x slower with 3 busy processes on 2 cores:
+    the command line asks for passive waiting before torch is imported, unless the user chose otherwise."""
+    code = ("import os, sys; os.environ.pop('OMP_WAIT_POLICY', None); from DeepSalRegLib import cli; "
+            "sys.argv = ['deepsalreg']; cli.main([]); print(os.environ.get('OMP_WAIT_POLICY'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip().splitlines()[-1] == "PASSIVE"
+    env_code = code.replace("os.environ.pop('OMP_WAIT_POLICY', None)", "os.environ['OMP_WAIT_POLICY'] = 'ACTIVE'")
+    out = subprocess.run([sys.executable, "-c", env_code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip().splitlines()[-1] == "ACTIVE"

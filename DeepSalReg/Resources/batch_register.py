@@ -26,6 +26,7 @@ its own MRML scene.
 """
 import argparse
 import csv
+import os
 import sys
 import time
 import traceback
@@ -170,6 +171,7 @@ def _default_scene():
 def main(argv=None, scene=None, register=None) -> int:
     """Run the batch; ``scene`` and ``register`` are for tests (default: Slicer's scene, the library)."""
     args = parse_arguments(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see DeepSalRegLib.cli.main (busy machines)
     glue = library()
     try:
         pairs = read_pairs(args.pairs)
