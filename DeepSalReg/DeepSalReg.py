@@ -46,9 +46,11 @@ from slicer.util import VTKObservationMixin
 
 #: torch comes through the PyTorch extension (PyTorchUtils), never plain pip.
 TORCH_REQUIREMENT = ">=2.1"
-#: Other packages the library needs that Slicer does not bundle; installed with the user's consent.
-#: numpy and SimpleITK are Slicer's own and must never be reinstalled.
-PIP_REQUIREMENTS = ("matplotlib>=3.7", "tqdm>=4.60")
+#: Other packages the registrations run from Slicer need that Slicer does not bundle; installed with the
+#: user's consent. None: the child process runs ``deepsalreg register --no-report --progress-lines``, which
+#: needs neither matplotlib (report.png) nor tqdm (the progress bar). numpy and SimpleITK are Slicer's own
+#: and must never be reinstalled.
+PIP_REQUIREMENTS = ()
 
 
 #
@@ -159,6 +161,7 @@ class DeepSalRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._job = None
+        self._inProcessRunning = False  # a registration running in Slicer's process (Apply disabled)
         self._pollTimer = None
 
     def setup(self) -> None:
@@ -234,7 +237,7 @@ class DeepSalRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._checkCanApply()
 
     def _running(self) -> bool:
-        return self._job is not None and not self._job.finished
+        return self._inProcessRunning or (self._job is not None and not self._job.finished)
 
     def _checkCanApply(self, caller=None, event=None) -> None:
         p = self._parameterNode
@@ -318,6 +321,8 @@ class DeepSalRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.statusLabel.text = message
 
     def onApplyButton(self) -> None:
+        if self._running():  # a click queued while a registration runs
+            return
         with slicer.util.tryWithErrorDisplay(_("Failed to start the registration."), waitCursor=True):
             self.logic.installDependencies(askConfirmation=True)
             arguments = self._processArguments()
@@ -328,10 +333,15 @@ class DeepSalRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     self._onProgress(fraction, message)
                     slicer.app.processEvents()
 
+                # the progress callback pumps events: a second click must not start a registration inside this one
+                self._inProcessRunning = True
+                self._checkCanApply()
                 try:
                     result = self.logic.process(**arguments, inProcess=True, progressCallback=progress)
                 finally:
+                    self._inProcessRunning = False
                     self.ui.progressBar.setVisible(False)
+                    self._checkCanApply()
                 self._showResult(result, None)
                 return
             self._job = self.logic.startProcess(**arguments, progressCallback=self._onProgress)
@@ -521,13 +531,19 @@ class DeepSalRegLogic(ScriptedLoadableModuleLogic):
         return models
 
     def clearModelsFolder(self) -> int:
-        """Delete the models folder with everything in it; returns how many files were removed."""
+        """Delete the model files (``*.pt`` and their ``*.md`` / ``*.json`` cards) directly in the models folder;
+        returns how many were removed. Nothing else is touched: ``$DEEPSALREG_MODELS_DIR`` may point at a shared
+        folder."""
         folder = self.modelsFolder()
         if not folder.is_dir():
             return 0
-        count = sum(1 for path in folder.rglob("*") if path.is_file())
-        shutil.rmtree(folder)
-        return count
+        removed = 0
+        for path in sorted(folder.glob("*.pt")):
+            for item in (path, path.with_suffix(".md"), path.with_suffix(".json")):
+                if item.is_file():
+                    item.unlink()
+                    removed += 1
+        return removed
 
     # --- registration ---
 

@@ -99,8 +99,14 @@ def _register_one(args, fixed, moving, outdir, fixed_landmarks=None, moving_land
     from .registration import register
 
     inputs = [p for p in (fixed, moving, fixed_landmarks, moving_landmarks, fixed_mask, moving_mask) if p]
-    if transform_file:
-        io.check_output_path(transform_file, inputs)
+    # every output target is checked before the work, not after it
+    io.check_output_folder(outdir)
+    for name in ("transform.h5", "summary.json"):
+        io.check_output_path(Path(outdir) / name, inputs)
+    for extra in (transform_file, report_file):
+        if extra:
+            io.check_output_path(extra, inputs)
+            io.check_output_folder(Path(extra).expanduser().parent)
     progress = _Progress(args.progress_lines, args.quiet, label)
     try:
         result = register(fixed, moving, model=args.model, device=args.device, iterations=args.iterations,
@@ -111,7 +117,7 @@ def _register_one(args, fixed, moving, outdir, fixed_landmarks=None, moving_land
     finally:
         progress.close()
     t0 = time.perf_counter()
-    paths = result.save(outdir, report=not args.no_report, inputs=inputs)
+    paths = result.save(outdir, report=not args.no_report, inputs=inputs, command=["deepsalreg", *args.argv])
     if report_file:
         from .report import write_report
 
@@ -183,11 +189,30 @@ def _read_pairs(path: Path):
     return pairs
 
 
+BATCH_SUMMARY_COLUMNS = ["name", "status", "fixed", "moving", "ncc_before", "ncc_after", "tre_before_mm",
+                         "tre_after_mm", "folding_percent", "time_s", "error"]
+
+
+def _write_batch_summary(path: Path, rows) -> None:
+    lines = [",".join(BATCH_SUMMARY_COLUMNS)]
+    for row in rows:
+        lines.append(",".join('"' + str(row.get(c, "")).replace('"', "'") + '"' for c in BATCH_SUMMARY_COLUMNS))
+    from . import io
+
+    io._write_atomically(path, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"), "summary")
+
+
 def cmd_batch(args):
+    """Register every pair of the CSV; ``summary.csv`` is rewritten (atomically) after each pair, so a batch
+    stopped half-way still says what it did; a pair that fails (bad input or an internal error) is reported
+    and skipped."""
+    import traceback
+
     from . import io
 
     pairs = _read_pairs(Path(args.pairs))
-    outdir = Path(args.output)
+    outdir = io.check_output_folder(args.output)
+    summary_path = io.check_output_path(outdir / "summary.csv", [args.pairs])
     summary = []
     failed = 0
     for i, pair in enumerate(pairs):
@@ -200,22 +225,25 @@ def cmd_batch(args):
             m = result.metrics
             row.update(ncc_before=f"{m['ncc_before']:.4f}", ncc_after=f"{m['ncc_after']:.4f}",
                        folding_percent=f"{100 * m['folding_fraction']:.4f}", time_s=f"{result.timings['total']:.2f}",
-                       tre_before_mm=f"{m.get('tre_before_mm', float('nan')):.3f}",
-                       tre_after_mm=f"{m.get('tre_after_mm', float('nan')):.3f}")
+                       tre_before_mm=f"{m['tre_before_mm']:.3f}" if "tre_before_mm" in m else "",
+                       tre_after_mm=f"{m['tre_after_mm']:.3f}" if "tre_after_mm" in m else "")
             print(f"{label}: ok, NCC {m['ncc_before']:.3f} -> {m['ncc_after']:.3f}, {result.timings['total']:.1f} s"
                   + (f", TRE {m['tre_before_mm']:.2f} -> {m['tre_after_mm']:.2f} mm" if result.tre is not None else ""))
         except DeepSalRegError as exc:
             failed += 1
             row.update(status="failed", error=str(exc))
             print(f"{label}: FAILED, skipped: {exc}", file=sys.stderr)
+        except (KeyboardInterrupt, MemoryError):
+            raise
+        except Exception as exc:  # a bug shows its traceback, and the other pairs still run
+            failed += 1
+            row.update(status="failed", error=f"internal error: {type(exc).__name__}: {exc}".splitlines()[0])
+            print(f"{label}: FAILED with an internal error, skipped:", file=sys.stderr)
+            traceback.print_exc()
         summary.append(row)
-    columns = ["name", "status", "fixed", "moving", "ncc_before", "ncc_after", "tre_before_mm", "tre_after_mm",
-               "folding_percent", "time_s", "error"]
-    lines = [",".join(columns)]
-    for row in summary:
-        lines.append(",".join('"' + str(row.get(c, "")).replace('"', "'") + '"' for c in columns))
-    summary_path = io.check_output_path(outdir / "summary.csv", [args.pairs])
-    io._write_atomically(summary_path, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"), "summary")
+        _write_batch_summary(summary_path, summary)
+    if not pairs:
+        _write_batch_summary(summary_path, summary)
     print(f"{len(pairs) - failed} of {len(pairs)} pairs registered; summary in {summary_path}")
     return EXIT_BATCH_FAILURES if failed else EXIT_OK
 
@@ -327,6 +355,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     if args.command is None:
         parser.print_help()
         return 2

@@ -14,10 +14,12 @@ each with a one-line message.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io as _stdio
 import json
 import os
 import uuid
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence, Union
@@ -92,6 +94,32 @@ def _one_line(error: BaseException) -> str:
 # --------------------------------------------------------------------------------------------------
 # atomic writing
 # --------------------------------------------------------------------------------------------------
+
+
+def file_sha256(path: PathLike) -> str:
+    """Hex sha256 of a file (streamed)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_output_folder(folder: PathLike) -> Path:
+    """Refuse, before any work, an output folder that cannot be created or written; returns it as a Path.
+
+    Raises:
+        OutputError: the path is a file, sits under a file, or its nearest existing folder is not writable.
+    """
+    out = Path(folder).expanduser()
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"Output folder {out} is a file; give a folder.")
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise OutputError(f"Output folder {out} cannot be created: {existing} is a file, not a folder.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"Output folder {out} cannot be written: {existing} is not writable.")
+    return out
 
 
 def check_output_path(path: PathLike, inputs: Iterable[PathLike] = ()) -> Path:
@@ -173,12 +201,59 @@ def _read_dicom_series(folder: Path, name: str) -> sitk.Image:
         raise InputError(f"{_title(name)} DICOM series in {folder} could not be read: {_one_line(error)}.") from None
 
 
+def _nifti_bytes_needed(header: bytes) -> int | None:
+    """Bytes a NIfTI-1/-2 file must hold (header, extensions and voxels) from its header; None if not NIfTI."""
+    for order in "<>":
+        size = int(np.frombuffer(header[:4], dtype=f"{order}i4")[0]) if len(header) >= 4 else 0
+        if size == 348 and len(header) >= 348:
+            dims = np.frombuffer(header[40:56], dtype=f"{order}i2").astype(np.int64)
+            bitpix = int(np.frombuffer(header[72:74], dtype=f"{order}i2")[0])
+            offset = int(np.frombuffer(header[108:112], dtype=f"{order}f4")[0])
+        elif size == 540 and len(header) >= 540:
+            dims = np.frombuffer(header[16:80], dtype=f"{order}i8")
+            bitpix = int(np.frombuffer(header[14:16], dtype=f"{order}i2")[0])
+            offset = int(np.frombuffer(header[168:176], dtype=f"{order}i8")[0])
+        else:
+            continue
+        count = int(np.prod([max(int(n), 1) for n in dims[1:1 + max(1, min(int(dims[0]), 7))]]))
+        return max(offset, size) + count * bitpix // 8
+    return None
+
+
+def _check_nifti_complete(path: Path, name: str) -> None:
+    """A truncated .nii / .nii.gz is refused (SimpleITK reads the missing part as zeros without a word)."""
+    lower = path.name.lower()
+    if lower.endswith(".nii"):
+        with open(path, "rb") as f:
+            needed = _nifti_bytes_needed(f.read(540))
+        have = path.stat().st_size
+    elif lower.endswith(".nii.gz"):
+        decompressor, have, head = zlib.decompressobj(16 + zlib.MAX_WBITS), 0, b""
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                data = decompressor.decompress(chunk)
+                head = head if len(head) >= 540 else (head + data)[:540]
+                have += len(data)
+        if not decompressor.eof:
+            raise InputError(f"{_title(name)} {path} is truncated (its compressed data ends early).")
+        needed = _nifti_bytes_needed(head)
+    else:
+        return
+    if needed is not None and have < needed:
+        raise InputError(f"{_title(name)} {path} is truncated: it holds {have} bytes of the {needed} its header "
+                         "describes.")
+
+
 def _read_file(source: PathLike, name: str) -> sitk.Image:
     path = Path(source).expanduser()
     if not path.exists():
         raise InputError(f"{_title(name)} {path} does not exist.")
     if path.is_dir():
         return _read_dicom_series(path, name)
+    try:
+        _check_nifti_complete(path, name)
+    except (OSError, zlib.error) as error:
+        raise InputError(f"{_title(name)} {path} could not be read: {_one_line(error)}.") from None
     try:
         return sitk.ReadImage(str(path))
     except RuntimeError:
@@ -415,14 +490,21 @@ def read_landmarks(path: PathLike, nd: int | None = None) -> tuple[np.ndarray, l
     if not path.is_file():
         raise InputError(f"Landmark file {path} does not exist.")
     ext = _extension(path)
-    if ext == ".csv":
-        points, labels = _read_csv(path)
-    elif ext == ".fcsv":
-        points, labels = _read_fcsv(path)
-    elif ext == ".json":
-        points, labels = _read_markups_json(path)
-    else:
+    readers = {".csv": _read_csv, ".fcsv": _read_fcsv, ".json": _read_markups_json}
+    if ext not in readers:
         raise InputError(f"Landmark file {path} has an unknown extension {ext!r}; use .csv, .fcsv or .json.")
+    try:
+        points, labels = readers[ext](path)
+    except InputError:
+        raise
+    except (IndexError, KeyError, TypeError, ValueError, AttributeError, UnicodeDecodeError, OSError) as error:
+        kind = {".csv": "landmark CSV", ".fcsv": "Slicer .fcsv", ".json": "Slicer markups JSON"}[ext]
+        raise InputError(f"Landmark file {path} is not a valid {kind} file ({type(error).__name__}: "
+                         f"{_one_line(error)}).") from None
+    bad = ~np.isfinite(points).all(axis=1) if len(points) else np.zeros(0, bool)
+    if bad.any():
+        raise InputError(f"Landmark file {path}: point {int(np.argmax(bad)) + 1} has a coordinate that is not a "
+                         "finite number (NaN or Inf).")
     if labels is None or not any(labels):
         labels = [str(i + 1) for i in range(len(points))]
     if nd == 2 and points.shape[1] == 3:

@@ -14,7 +14,6 @@ predict the full field. A checkpoint stores the constructor arguments so it rebu
 from __future__ import annotations
 
 import copy
-import hashlib
 from pathlib import Path
 
 import torch
@@ -22,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import ModelError
+from .io import file_sha256  # noqa: F401  (re-exported: checkpoints are checked with it)
 from .saliency import THESIS_OPTIONS, joint_saliency_map
 from .warp import integrate_velocity, resize_field, spatial_dims, warp
 
@@ -280,15 +280,6 @@ def build_model(preset: str = "modern-2d", **overrides) -> DeepSalRegNet:
     return DeepSalRegNet(**config)
 
 
-def file_sha256(path) -> str:
-    """Hex sha256 of a file (streamed)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def save_checkpoint(path, model: DeepSalRegNet, **extra) -> Path:
     """Write weights with the constructor arguments (and ``extra`` plain data) atomically; returns the path.
 
@@ -319,6 +310,11 @@ def load_checkpoint(path, device="cpu", expected_sha256: str | None = None):
     try:
         payload = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged file
+        if "weights_only" in str(exc) or "Weights only load failed" in str(exc):
+            # a pickle of other objects (a whole model, an optimiser, ...): never unpickled here, and torch's
+            # advice to retry with weights_only=False would run arbitrary code from the file
+            raise ModelError(f"cannot read model file {path}: it holds more than weights and a network "
+                             "description (not a DeepSalReg model file); export it with training/export_model.py") from None
         raise ModelError(f"cannot read model file {path}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ModelError(f"{path} is not a DeepSalReg model file")

@@ -47,9 +47,9 @@ PRESETS = {
                           max_steps=15, tolerance=3e-3),
     "balanced": QualityPreset("balanced", "refinement until converged (at most 40 steps per level, 20 at full "
                               "resolution): the default", max_steps=40, tolerance=1e-3, max_steps_finest=20),
-    "accurate": QualityPreset("accurate", "long refinement on the full-resolution velocity grid (at most 100 "
-                              "steps per level): slowest, for the last fraction of a millimetre",
-                              max_steps=100, tolerance=3e-4, velocity_factor=1, affine_tolerance=0.0),
+    "accurate": QualityPreset("accurate", "longer refinement with a tighter convergence test (at most 80 steps "
+                              "per level, 40 at full resolution) and the affine stage's full step budget",
+                              max_steps=80, tolerance=3e-4, max_steps_finest=40, affine_tolerance=0.0),
 }
 
 #: the preset every face uses when the user says nothing

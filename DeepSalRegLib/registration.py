@@ -15,6 +15,7 @@ landmark ``p`` corresponds to the moving point ``result.transform.TransformPoint
 from __future__ import annotations
 
 import json
+import os
 import time
 import warnings
 from dataclasses import dataclass, field as dataclass_field
@@ -25,12 +26,14 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import geometry, io
-from .errors import DeviceError, InputError
+from .errors import DeviceError, InputError, OutputError
 
 __all__ = ["register", "RegistrationResult", "resolve_device", "DEFAULT_MAX_VOXELS"]
 
 #: Working-grid voxel budget per dimension (larger inputs are resampled more coarsely, with a warning).
 DEFAULT_MAX_VOXELS = {2: 1024 * 1024, 3: 160 * 160 * 160}
+#: Least fraction of the fixed image that the moving image must cover in physical space (else: InputError).
+MIN_OVERLAP = 0.01
 
 ProgressCallback = Callable[[float, str], None]
 
@@ -68,6 +71,8 @@ class RegistrationResult:
             ``network_kept`` (False when the network's field was dropped by the guard) and ``affine``.
         tre: with landmarks, ``{"before": array, "after": array}`` per-point errors in mm, else None.
         mapped_landmarks: fixed landmarks mapped to moving space ``T(p)`` (with landmarks), else None.
+        inputs: what was registered (``fixed``, ``moving``, masks, landmarks: paths or objects as given).
+        options: the options of the call (model, device, quality, iterations, affine, ...).
     """
 
     fixed: sitk.Image
@@ -82,6 +87,8 @@ class RegistrationResult:
     tre: dict | None = None
     mapped_landmarks: np.ndarray | None = None
     landmark_labels: list | None = None
+    inputs: dict = dataclass_field(default_factory=dict)
+    options: dict = dataclass_field(default_factory=dict)
 
     def summary(self) -> dict:
         """Plain-data summary (what ``summary.json`` holds)."""
@@ -91,40 +98,104 @@ class RegistrationResult:
                              for k, v in self.tre.items()}
         return out
 
-    def save(self, outdir, report: bool = True, inputs=()) -> dict:
-        """Write every result into ``outdir`` (each file atomically); returns ``{name: path}``.
+    def save(self, outdir, report: bool = True, inputs=(), command=None) -> dict:
+        """Write every result into ``outdir`` as a whole; returns ``{name: path}``.
 
         Files: ``transform.h5`` (ITK transform file), ``displacement.nrrd`` (the same field as an image),
         ``warped.nrrd``, ``saliency.nrrd``, ``jacobian.nrrd``, ``summary.json``, ``report.png`` and, with
         landmarks, ``landmarks_mapped.{csv,fcsv,mrk.json}`` and ``tre.csv``. ``inputs`` are paths that
-        must never be overwritten.
+        must never be overwritten; ``command`` (e.g. ``sys.argv``) is recorded in ``summary.json``.
+
+        Everything is first written into a hidden staging folder inside ``outdir`` and then moved into place
+        (a rename per file, milliseconds), ``summary.json`` last. ``summary.json`` records the inputs (paths,
+        sha256), the options, versions, the command and the sha256 of every output, so a folder that mixes
+        files of two runs (a run killed while moving its files over an earlier result) can be detected.
+        Files of ``outdir`` that this run does not write are left alone.
         """
-        outdir = Path(outdir).expanduser()
-        paths = {}
+        import shutil
+        import uuid
 
-        def target(name):
-            path = io.check_output_path(outdir / name, inputs)
-            paths[name] = path
-            return path
-
-        io.write_transform(self.transform, target("transform.h5"))  # no second float64 copy of the field
-        io.write_transform(self.displacement, target("displacement.nrrd"))
-        io.write_image(self.warped, target("warped.nrrd"))
-        io.write_image(self.saliency, target("saliency.nrrd"))
-        io.write_image(self.jacobian, target("jacobian.nrrd"))
+        outdir = io.check_output_folder(outdir)
+        names = ["transform.h5", "displacement.nrrd", "warped.nrrd", "saliency.nrrd", "jacobian.nrrd"]
         if self.mapped_landmarks is not None:
-            for ext in ("csv", "fcsv", "mrk.json"):
-                io.write_landmarks(self.mapped_landmarks, target(f"landmarks_mapped.{ext}"), self.landmark_labels)
+            names += [f"landmarks_mapped.{ext}" for ext in ("csv", "fcsv", "mrk.json")]
         if self.tre is not None:
-            rows = ["index,before_mm,after_mm"] + [
-                f"{i},{b:.4f},{a:.4f}" for i, (b, a) in enumerate(zip(self.tre["before"], self.tre["after"]))]
-            _write_text(target("tre.csv"), "\n".join(rows) + "\n")
+            names.append("tre.csv")
         if report:
-            from .report import write_report
+            names.append("report.png")
+        finals = {name: io.check_output_path(outdir / name, inputs) for name in names + ["summary.json"]}
+        try:
+            outdir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise OutputError(f"Cannot create the output folder {outdir}: {error.strerror or error}.") from None
+        staging = outdir / f".deepsalreg-partial-{uuid.uuid4().hex[:8]}"
+        try:
+            staging.mkdir()
 
-            write_report(self, target("report.png"))
-        _write_text(target("summary.json"), json.dumps(self.summary(), indent=2) + "\n")
-        return paths
+            def staged(name):
+                return staging / name
+
+            io.write_transform(self.transform, staged("transform.h5"))  # no second float64 copy of the field
+            io.write_transform(self.displacement, staged("displacement.nrrd"))
+            io.write_image(self.warped, staged("warped.nrrd"))
+            io.write_image(self.saliency, staged("saliency.nrrd"))
+            io.write_image(self.jacobian, staged("jacobian.nrrd"))
+            if self.mapped_landmarks is not None:
+                for ext in ("csv", "fcsv", "mrk.json"):
+                    io.write_landmarks(self.mapped_landmarks, staged(f"landmarks_mapped.{ext}"), self.landmark_labels)
+            if self.tre is not None:
+                rows = ["index,before_mm,after_mm"] + [
+                    f"{i},{b:.4f},{a:.4f}" for i, (b, a) in enumerate(zip(self.tre["before"], self.tre["after"]))]
+                _write_text(staged("tre.csv"), "\n".join(rows) + "\n")
+            if report:
+                from .report import write_report
+
+                write_report(self, staged("report.png"))
+            summary = self.summary()
+            summary["outputs"] = {name: io.file_sha256(staged(name)) for name in names}
+            summary["provenance"] = _provenance(self.inputs, self.options, command)
+            _write_text(staged("summary.json"), json.dumps(_finite(summary), indent=2, allow_nan=False) + "\n")
+            for name in names + ["summary.json"]:
+                os.replace(staged(name), finals[name])
+        except OSError as error:
+            raise OutputError(f"Cannot write the results into {outdir}: {error.strerror or error}.") from None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return dict(finals)
+
+
+def _finite(value):
+    """JSON-safe copy: NaN and infinities (not valid JSON) become None."""
+    if isinstance(value, float):
+        return value if np.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _provenance(inputs: dict, options: dict, command) -> dict:
+    """What produced a result: input files (path, sha256), options, versions, the command line."""
+    import platform
+
+    import torch
+
+    from . import __version__
+
+    files = {}
+    for role, source in (inputs or {}).items():
+        if source is None:
+            continue
+        if isinstance(source, (str, os.PathLike)) and Path(source).is_file():
+            files[role] = dict(path=str(Path(source).resolve()), sha256=io.file_sha256(source))
+        elif isinstance(source, (str, os.PathLike)):
+            files[role] = dict(path=str(Path(source).resolve()))  # a DICOM folder
+        else:
+            files[role] = dict(path=None, note=f"in-memory {type(source).__name__}")
+    return dict(inputs=files, options=options or {}, command=list(command) if command else None,
+                versions=dict(deepsalreg=__version__, torch=torch.__version__, simpleitk=sitk.Version_VersionString(),
+                              numpy=np.__version__, python=platform.python_version()))
 
 
 def _write_text(path: Path, text: str) -> Path:
@@ -138,6 +209,10 @@ def _ncc(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
     b = b.astype(np.float64).ravel() - b.mean()
     denom = np.linalg.norm(a) * np.linalg.norm(b)
     return float(a @ b / denom) if denom > 0 else 0.0
+
+
+def _rounded(values) -> list:
+    return [round(float(v), 1) for v in values]
 
 
 def _field_of_view(image: sitk.Image, grid: sitk.Image) -> np.ndarray:
@@ -288,6 +363,13 @@ def register(
     m_arr = sitk.GetArrayFromImage(geometry.resample_onto(moving_img, grid))
     inside_fixed = _field_of_view(fixed_img, grid)
     inside_moving = _field_of_view(moving_img, grid)
+    shared = (inside_fixed & inside_moving).sum() / max(int(inside_fixed.sum()), 1)
+    if shared < MIN_OVERLAP:
+        raise InputError(
+            f"The fixed and moving images {'do not overlap' if shared == 0 else 'hardly overlap'} in physical space "
+            f"({100 * shared:.2g} % of the fixed image is inside the moving image): check their origins and "
+            f"directions (fixed origin {_rounded(fixed_img.GetOrigin())}, moving origin "
+            f"{_rounded(moving_img.GetOrigin())} mm, LPS), or place them roughly first (e.g. Slicer's Transforms).")
     # the similarity counts only where both images have data (and inside the user's masks): the working
     # grid's padding and the part of the grid the moving image does not cover are zeros, whose edges a
     # local NCC would otherwise align (ANHIR stain pairs of different sizes failed so)
@@ -406,6 +488,13 @@ def register(
     lap("export")
     timings["total"] = time.perf_counter() - t_start
     report(1.0, "done")
+    sources = dict(fixed=fixed, moving=moving, fixed_mask=fixed_mask, moving_mask=moving_mask,
+                   fixed_landmarks=fixed_landmarks if isinstance(fixed_landmarks, (str, Path)) else None,
+                   moving_landmarks=moving_landmarks if isinstance(moving_landmarks, (str, Path)) else None)
+    options = dict(model=model, device=device, quality=settings.name, iterations=iterations, affine=affine,
+                   use_jsm=use_jsm, time_budget=time_budget, max_voxels=max_voxels,
+                   spacing=None if spacing is None else [float(v) for v in np.atleast_1d(spacing)])
     return RegistrationResult(fixed=fixed_img, moving=moving_img, displacement=disp, transform=transform,
                               warped=warped, saliency=saliency, jacobian=jacobian, timings=timings,
-                              metrics=metrics, tre=tre, mapped_landmarks=mapped, landmark_labels=labels)
+                              metrics=metrics, tre=tre, mapped_landmarks=mapped, landmark_labels=labels,
+                              inputs=sources, options=options)

@@ -80,16 +80,93 @@ def test_warp_command_reproduces_the_warped_image(pair2d, tmp_path, capsys):
     assert set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "wl.nrrd"))))) <= {0, 3}
 
 
+def test_errors_found_before_the_work(pair2d, tmp_path, capsys, monkeypatch):
+    """Wrong output targets are refused before the registration runs (not after minutes of work)."""
+    from DeepSalRegLib import registration
+
+    def never(*args, **kwargs):
+        raise AssertionError("the registration ran although its outputs could not be written")
+
+    monkeypatch.setattr(registration, "register", never)
+    f, m = pair2d
+    (tmp_path / "blocker").write_text("x")
+    for extra in (["-o", tmp_path / "blocker"], ["-o", tmp_path / "blocker" / "sub"],
+                  ["-o", tmp_path / "ok", "--report", tmp_path / "blocker" / "r.png"],
+                  ["-o", tmp_path / "ok", "--transform", f]):
+        code, _, err = _run(["register", f, m, "-q", *extra], capsys)
+        assert code == 5 and err.startswith("deepsalreg: error:"), err
+
+
+def test_results_folder_is_written_as_a_whole_with_its_provenance(pair2d, tmp_path, capsys, monkeypatch):
+    f, m = pair2d
+    out = tmp_path / "out"
+    args = ["register", f, m, "-o", out, "--model", "none", "--iterations", "3", "-q", "--no-report"]
+    assert _run(args, capsys)[0] == 0
+    summary = json.loads((out / "summary.json").read_text())
+    prov = summary["provenance"]
+    assert prov["inputs"]["fixed"]["sha256"] == _digest([f])[f]
+    assert prov["inputs"]["moving"]["path"] == str(Path(m).resolve())
+    assert prov["options"]["iterations"] == 3 and prov["options"]["model"] == "none"
+    assert prov["command"] == ["deepsalreg", *[str(a) for a in args]]
+    assert {"deepsalreg", "torch", "simpleitk", "numpy", "python"} <= set(prov["versions"])
+    for name, digest in summary["outputs"].items():  # a folder mixing two runs is detectable
+        assert _digest([out / name])[out / name] == digest, name
+    (out / "keep.txt").write_text("the user's own file")
+    earlier = {p.name: p.read_bytes() for p in out.iterdir()}
+    # a run that dies while writing leaves the earlier result complete (and nothing half-written)
+    from DeepSalRegLib import io
+
+    def dies(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(io, "write_image", dies)
+    code, _, err = _run(args, capsys)
+    assert code == cli.EXIT_INTERRUPTED, err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == earlier
+    assert not list(out.glob(".deepsalreg-partial-*"))
+
+
 def test_batch_reports_and_skips_a_failed_pair(pair2d, tmp_path, capsys):
     f, m = pair2d
     pairs = tmp_path / "pairs.csv"
-    pairs.write_text(f"fixed,moving\n{f.name},{m.name}\n{f.name},missing.nrrd\n")
+    (tmp_path / "f.csv").write_text("x,y\n1,2\n")
+    (tmp_path / "bad.fcsv").write_text("# columns = id,x,y\n1,2\n")
+    pairs.write_text(f"fixed,moving,fixed_landmarks,moving_landmarks\n{f.name},{m.name},,\n{f.name},missing.nrrd,,\n"
+                     f"{f.name},{m.name},f.csv,bad.fcsv\n{f.name},{m.name},,\n")
     code, stdout, err = _run(["batch", pairs, "-o", tmp_path / "b", "--model", "none", "--iterations", "5", "-q",
                               "--no-report"], capsys)
     assert code == cli.EXIT_BATCH_FAILURES
-    assert "FAILED" in err and "missing.nrrd" in err
+    assert "FAILED" in err and "missing.nrrd" in err and "Traceback" not in err
     rows = (tmp_path / "b" / "summary.csv").read_text().splitlines()
-    assert len(rows) == 3 and '"ok"' in rows[1] and '"failed"' in rows[2]
+    # a malformed landmark file fails its own pair only; the pairs after it still run
+    assert len(rows) == 5 and '"ok"' in rows[1] and '"failed"' in rows[2] and '"failed"' in rows[3]
+    assert '"ok"' in rows[4] and "bad.fcsv" in rows[3]
+
+
+def test_batch_summary_is_written_after_every_pair(pair2d, tmp_path, capsys, monkeypatch):
+    """A batch stopped half-way (or hit by an internal error) still has a summary of what it did."""
+    f, m = pair2d
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text(f"fixed,moving,name\n{f.name},{m.name},one\n{f.name},{m.name},two\n{f.name},{m.name},three\n")
+    real = cli._register_one
+    calls = []
+
+    def flaky(args, fixed, moving, outdir, *rest, **kwargs):
+        calls.append(outdir.name)
+        if outdir.name == "two":
+            raise ZeroDivisionError("a bug")
+        if outdir.name == "three":
+            rows = (tmp_path / "b" / "summary.csv").read_text().splitlines()
+            assert len(rows) == 3  # written after pairs one and two, before three ends
+            raise KeyboardInterrupt
+        return real(args, fixed, moving, outdir, *rest, **kwargs)
+
+    monkeypatch.setattr(cli, "_register_one", flaky)
+    code, _, err = _run(["batch", pairs, "-o", tmp_path / "b", "--model", "none", "--iterations", "3", "-q",
+                         "--no-report"], capsys)
+    assert code == cli.EXIT_INTERRUPTED and calls == ["one", "two", "three"]
+    rows = (tmp_path / "b" / "summary.csv").read_text().splitlines()
+    assert '"ok"' in rows[1] and "internal error: ZeroDivisionError" in rows[2]
 
 
 def test_progress_lines_for_programs(pair2d, tmp_path, capsys):
@@ -119,6 +196,16 @@ def _write(tmp_path, name, image):
     ("corrupt_model", 3, "cannot read model"),
     ("unknown_model", 3, "unknown model"),
     ("no_memory", 2, "needs about"),
+    ("no_overlap", 2, "do not overlap"),
+    ("flipped", 2, "overlap"),
+    ("truncated_nii", 2, "truncated"),
+    ("truncated_niigz", 2, "truncated"),
+    ("nan_landmark", 2, "not a finite number"),
+    ("bad_fcsv", 2, "not a valid Slicer .fcsv"),
+    ("bad_markups", 2, "not a valid Slicer markups"),
+    ("output_is_a_file", 5, "is a file"),
+    ("report_unwritable", 5, "is a file"),
+    ("pickled_module", 3, "not a DeepSalReg model file"),
 ])
 def test_bad_input_gives_one_line_and_exit_code(case, expected_code, message, pair2d, tmp_path, capsys, monkeypatch):
     f, m = pair2d
@@ -154,6 +241,44 @@ def test_bad_input_gives_one_line_and_exit_code(case, expected_code, message, pa
         extra = ["--model", str(junk)]
     elif case == "unknown_model":
         extra = ["--model", "resnet-9000"]
+    elif case in ("no_overlap", "flipped"):
+        image = sitk.ReadImage(str(m))
+        if case == "no_overlap":
+            image.SetOrigin([o + 1000.0 for o in image.GetOrigin()])  # 1 m away
+        else:
+            image.SetDirection([-1.0, 0.0, 0.0, -1.0])  # the same voxels, mirrored through the origin
+        m = _write(tmp_path, "far.nrrd", image)
+    elif case.startswith("truncated"):
+        name = "cut.nii" if case == "truncated_nii" else "cut.nii.gz"
+        whole = _write(tmp_path, "whole" + name[3:], sitk.ReadImage(str(m)))
+        data = whole.read_bytes()
+        m = tmp_path / name
+        m.write_bytes(data[: len(data) * 2 // 3])
+    elif case in ("nan_landmark", "bad_fcsv", "bad_markups"):
+        good = tmp_path / "f.csv"
+        good.write_text("x,y\n1,2\n3,4\n")
+        if case == "nan_landmark":
+            bad = tmp_path / "m.csv"
+            bad.write_text("x,y\n1,2\nnan,4\n")
+        elif case == "bad_fcsv":
+            bad = tmp_path / "m.fcsv"
+            bad.write_text("# columns = id,x,y\n1,2\n")
+        else:
+            bad = tmp_path / "m.mrk.json"
+            bad.write_text('{"markups": [5]}')
+        extra += ["--fixed-landmarks", good, "--moving-landmarks", bad]
+    elif case == "output_is_a_file":
+        out = tmp_path / "a_file"
+        out.write_text("x")
+    elif case == "report_unwritable":
+        (tmp_path / "blocker").write_text("x")
+        extra += ["--report", tmp_path / "blocker" / "r.png"]
+    elif case == "pickled_module":
+        import torch
+
+        path = tmp_path / "whole_model.pt"
+        torch.save(build_model("modern-2d"), path)  # a pickled module, not weights
+        extra = ["--model", str(path)]
     elif case == "no_memory":  # the estimate is checked before the work: a pair that cannot fit is refused
         from DeepSalRegLib import memory
 
@@ -165,7 +290,10 @@ def test_bad_input_gives_one_line_and_exit_code(case, expected_code, message, pa
     assert len(lines) == 1 and lines[0].startswith("deepsalreg: error:"), err
     assert message.lower() in lines[0].lower()
     assert "Traceback" not in err
+    assert "weights_only=False" not in err  # never advise loading a file with arbitrary code
     assert _digest([f]) == before
+    if case not in ("output_is_a_file",):
+        assert not (out / "transform.h5").exists()  # refused before anything was written
 
 
 def test_shipped_weights_are_verified(tmp_path, monkeypatch, pair2d, capsys):

@@ -12,6 +12,7 @@ import csv
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 import textwrap
 import time
@@ -616,7 +617,11 @@ def test_module_file_imports_light_and_its_logic_registers_nodes(monkeypatch, sc
     models = logic.availableModels()
     assert (f"mine.pt (models folder)", str(tmp_path / "models" / "mine.pt")) in models
     assert models[-1][1] == "none"
-    assert logic.clearModelsFolder() == 1 and not (tmp_path / "models").exists()
+    (tmp_path / "models" / "mine.md").write_text("card")
+    (tmp_path / "models" / "notes.txt").write_text("someone else's file in a shared folder")
+    (tmp_path / "models" / "sub").mkdir()
+    assert logic.clearModelsFolder() == 2  # the model and its card, nothing else
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["notes.txt", "sub"]
 
 
 def test_batch_runs_without_matplotlib_and_passes_the_quality(scene, tmp_path, monkeypatch):
@@ -659,3 +664,59 @@ def test_quality_travels_to_the_command_line_and_unknown_names_are_refused():
         glue.RegistrationOptions(quality="best")
     with pytest.raises(InputError, match="time budget"):
         glue.RegistrationOptions(time_budget=0)
+
+
+def test_apply_is_disabled_while_a_registration_runs_in_slicers_process(monkeypatch):
+    """'Run in Slicer's process' pumps events from the progress callback: a second click on Apply must not
+    start a registration inside the first."""
+    import contextlib
+
+    module = _module_with_stand_ins(monkeypatch)
+    monkeypatch.setattr(module.slicer, "app", types.SimpleNamespace(processEvents=lambda: None), raising=False)
+    monkeypatch.setattr(module.slicer, "util", types.SimpleNamespace(
+        tryWithErrorDisplay=lambda *a, **k: contextlib.nullcontext(), resetSliceViews=lambda: None), raising=False)
+    widget = module.DeepSalRegWidget()
+    button = types.SimpleNamespace(enabled=True, toolTip="")
+    widget.ui = types.SimpleNamespace(applyButton=button, iterationsSpinBox=types.SimpleNamespace(enabled=True),
+                                      progressBar=types.SimpleNamespace(setVisible=lambda v: None, value=0),
+                                      statusLabel=types.SimpleNamespace(text=""))
+    widget._parameterNode = types.SimpleNamespace(
+        fixedVolume=object(), movingVolume=object(), runInProcess=True, quality=module.Quality.BALANCED,
+        iterations=0, model="default", device=module.Device.CPU, affine=True, outputTransform=None,
+        fixedLandmarks=None, movingLandmarks=None, warpedVolume=None, saliencyVolume=None, jacobianVolume=None,
+        treTable=None)
+    calls, seen = [], []
+
+    class Logic:
+        def installDependencies(self, askConfirmation=True):
+            pass
+
+        def process(self, inProcess=False, progressCallback=None, **kwargs):
+            calls.append(kwargs)
+            seen.append(button.enabled)
+            widget.onApplyButton()  # the click that arrives while events are pumped
+            progressCallback(0.5, "refining")
+            return "result"
+
+    widget.logic = Logic()
+    monkeypatch.setattr(widget, "_showResult", lambda result, seconds: None, raising=False)
+    widget._checkCanApply()
+    assert button.enabled
+    widget.onApplyButton()
+    assert len(calls) == 1 and seen == [False]
+    assert calls[0]["quality"] == "balanced" and calls[0]["iterations"] is None
+    assert button.enabled  # enabled again afterwards
+
+
+def test_the_child_process_needs_neither_matplotlib_nor_tqdm(tmp_path):
+    """What the panel runs (its exact arguments) succeeds in a Python without matplotlib and tqdm, which is
+    why the module does not ask to install them (``PIP_REQUIREMENTS``)."""
+    from DeepSalRegLib.sample_data import sample_pair
+
+    fixed, moving = sample_pair("2d")
+    args = glue.cli_arguments(fixed, moving, tmp_path / "out", glue.RegistrationOptions(model="none", iterations=2))
+    code = ("import sys; sys.modules['matplotlib'] = None; sys.modules['tqdm'] = None; "
+            "from DeepSalRegLib.cli import main; sys.exit(main(sys.argv[1:]))")
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "out" / "transform.h5").is_file() and not (tmp_path / "out" / "report.png").exists()

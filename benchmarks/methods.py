@@ -221,11 +221,13 @@ def _elastix(case, outdir: Path, options) -> dict:
 
 
 def _convexadam(case, outdir: Path, options) -> dict:
-    """ConvexAdam with its defaults (MIND-SSC, convex search, 80 Adam steps), on the fixed grid.
+    """ConvexAdam with its defaults (MIND-SSC, convex search, 80 Adam steps) on an isotropic grid.
 
-    It works on arrays: the moving image is first resampled onto the fixed grid through physical space
-    (identity), so its voxel field (array axes, voxels, ``W(x) = M(x + u(x))``) is a fixed -> moving map
-    there; it is converted here to a physical LPS displacement image on the fixed grid. 3D only.
+    ConvexAdam works on arrays in voxel units and assumes isotropic voxels (Learn2Reg data are); the liver
+    volumes have 4 mm slices under 1.4 mm pixels. So both images are resampled (through physical space,
+    linear) onto an isotropic grid over the fixed image's extent at its finest spacing; its voxel field
+    (array axes, ``W(x) = M(x + u(x))``) is then a fixed -> moving map on that grid, written as a physical LPS
+    displacement image. 3D only.
     """
     import numpy as np
     import SimpleITK as sitk
@@ -235,16 +237,25 @@ def _convexadam(case, outdir: Path, options) -> dict:
     if case["dim"] != 3:
         raise ValueError("ConvexAdam registers 3D volumes only")
     fixed = sitk.ReadImage(case["fixed"], sitk.sitkFloat32)
-    moving = sitk.Resample(sitk.ReadImage(case["moving"], sitk.sitkFloat32), fixed, sitk.Transform(), sitk.sitkLinear, 0.0)
-    u = convex_adam_pt(img_fixed=torch.from_numpy(sitk.GetArrayFromImage(fixed)),
-                       img_moving=torch.from_numpy(sitk.GetArrayFromImage(moving)), device=torch.device("cpu"))
-    index_xyz = np.asarray(u, dtype=np.float64)[..., ::-1] * np.asarray(fixed.GetSpacing())  # array axes -> x, y, z mm
-    physical = index_xyz @ np.asarray(fixed.GetDirection()).reshape(3, 3).T
+    step = min(fixed.GetSpacing())
+    size = [max(1, int(round(n * s / step))) for n, s in zip(fixed.GetSize(), fixed.GetSpacing())]
+    grid = sitk.Image(size, sitk.sitkFloat32)
+    grid.SetSpacing([step] * 3)
+    grid.SetDirection(fixed.GetDirection())
+    # the same physical extent: the first voxel centre moves by half the change of voxel size
+    offset = [(step - s) / 2 for s in fixed.GetSpacing()]
+    grid.SetOrigin(fixed.TransformContinuousIndexToPhysicalPoint([o / s for o, s in zip(offset, fixed.GetSpacing())]))
+    f_iso = sitk.Resample(fixed, grid, sitk.Transform(), sitk.sitkLinear, 0.0)
+    m_iso = sitk.Resample(sitk.ReadImage(case["moving"], sitk.sitkFloat32), grid, sitk.Transform(), sitk.sitkLinear, 0.0)
+    u = convex_adam_pt(img_fixed=torch.from_numpy(sitk.GetArrayFromImage(f_iso)),
+                       img_moving=torch.from_numpy(sitk.GetArrayFromImage(m_iso)), device=torch.device("cpu"))
+    index_xyz = np.asarray(u, dtype=np.float64)[..., ::-1] * step  # array axes (z, y, x) -> x, y, z in mm
+    physical = index_xyz @ np.asarray(grid.GetDirection()).reshape(3, 3).T
     field = sitk.GetImageFromArray(physical, isVector=True)
-    field.CopyInformation(fixed)
+    field.CopyInformation(grid)
     path = outdir / "transform.nrrd"
     sitk.WriteImage(field, str(path), True)
-    return dict(transform=str(path))
+    return dict(transform=str(path), grid=dict(size=size, spacing_mm=step))
 
 
 def run_method(method: str, case: dict, outdir: str, options: dict | None = None) -> dict:
