@@ -28,6 +28,7 @@ import vtk
 
 import slicer
 from slicer import (
+    vtkMRMLLabelMapVolumeNode,
     vtkMRMLMarkupsFiducialNode,
     vtkMRMLScalarVolumeNode,
     vtkMRMLTableNode,
@@ -120,6 +121,8 @@ class DeepSalRegParameterNode:
 
     fixedVolume, movingVolume - the pair to register (results live on the fixed grid).
     fixedLandmarks, movingLandmarks - optional corresponding point lists, for the TRE table.
+    fixedMask, movingMask - optional label maps: the alignment is measured only where they are nonzero
+        (leave out a tumour, a resection cavity, contrast agent: structure the other image does not have).
     model - a shipped model name or the path of a model file in the models folder.
     device - auto, CPU or GPU.
     quality - how long the refinement after the network runs (it stops by itself when converged), or FIXED.
@@ -133,6 +136,8 @@ class DeepSalRegParameterNode:
     movingVolume: vtkMRMLScalarVolumeNode
     fixedLandmarks: vtkMRMLMarkupsFiducialNode
     movingLandmarks: vtkMRMLMarkupsFiducialNode
+    fixedMask: vtkMRMLLabelMapVolumeNode
+    movingMask: vtkMRMLLabelMapVolumeNode
     model: str = "default"
     device: Device = Device.AUTO
     quality: Quality = Quality.BALANCED
@@ -298,6 +303,8 @@ class DeepSalRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             outputTransform=p.outputTransform,
             fixedLandmarks=p.fixedLandmarks,
             movingLandmarks=p.movingLandmarks,
+            fixedMask=p.fixedMask,
+            movingMask=p.movingMask,
             model=p.model or "default",
             device=p.device.value,
             quality=p.quality.value if p.quality != Quality.FIXED else "balanced",
@@ -572,7 +579,7 @@ class DeepSalRegLogic(ScriptedLoadableModuleLogic):
     def startProcess(self, fixedVolume, movingVolume, outputTransform=None, fixedLandmarks=None, movingLandmarks=None,
                      model="default", device="auto", iterations=None, warpedVolume=None, saliencyVolume=None,
                      jacobianVolume=None, treTable=None, createWarped=False, progressCallback=None, showResults=True,
-                     affine=True, quality="balanced", timeBudget=None):
+                     affine=True, quality="balanced", timeBudget=None, fixedMask=None, movingMask=None):
         """Start a registration in a child process and return its ``RegistrationJob`` at once.
 
         Call ``job.poll()`` regularly from the GUI thread (the panel uses a timer) until it returns True, then
@@ -589,6 +596,8 @@ class DeepSalRegLogic(ScriptedLoadableModuleLogic):
             nodes=self._outputNodes(outputTransform, warpedVolume, saliencyVolume, jacobianVolume, treTable, createWarped),
             fixed_landmarks=fixedLandmarks,
             moving_landmarks=movingLandmarks,
+            fixed_mask=fixedMask,
+            moving_mask=movingMask,
             python=self.pythonExecutable(),
             env=self.childEnvironment(),
             start_process=self.startProcessFunction,
@@ -602,7 +611,8 @@ class DeepSalRegLogic(ScriptedLoadableModuleLogic):
     def process(self, fixedVolume, movingVolume, outputTransform=None, fixedLandmarks=None, movingLandmarks=None,
                 model="default", device="auto", iterations=None, warpedVolume=None, saliencyVolume=None,
                 jacobianVolume=None, treTable=None, createWarped=False, inProcess=False, progressCallback=None,
-                showResults=True, timeout=None, affine=True, quality="balanced", timeBudget=None):
+                showResults=True, timeout=None, affine=True, quality="balanced", timeBudget=None, fixedMask=None,
+                movingMask=None):
         """Register ``movingVolume`` to ``fixedVolume`` and return the result nodes (waits until done).
 
         Args:
@@ -611,6 +621,8 @@ class DeepSalRegLogic(ScriptedLoadableModuleLogic):
                 as its "from parent" transform, is applied to the moving volume and shows a grid.
             fixedLandmarks, movingLandmarks: optional point lists, corresponding point by point; give both to
                 get the TRE table.
+            fixedMask, movingMask: optional label maps; the alignment is measured only where they are nonzero
+                (the manual override of the joint saliency map: leave out what the other image lacks).
             model: a shipped model ("default" picks "default-2d" or "default-3d"), the path of a model file, or
                 "none" (no network: refinement from the identity).
             device: "auto", "cpu" or "cuda".
@@ -644,10 +656,12 @@ class DeepSalRegLogic(ScriptedLoadableModuleLogic):
                 moving_landmarks=movingLandmarks,
                 progress=progressCallback,
                 show=showResults,
+                fixed_mask=fixedMask,
+                moving_mask=movingMask,
             )
         job = self.startProcess(fixedVolume, movingVolume, outputTransform, fixedLandmarks, movingLandmarks, model, device,
                                 iterations, warpedVolume, saliencyVolume, jacobianVolume, treTable, createWarped,
-                                progressCallback, showResults, affine, quality, timeBudget)
+                                progressCallback, showResults, affine, quality, timeBudget, fixedMask, movingMask)
         idle = slicer.app.processEvents if hasattr(slicer, "app") else None
         return job.wait(timeout=timeout, idle=idle)
 
@@ -723,6 +737,7 @@ class DeepSalRegTest(ScriptedLoadableModuleTest):
                 self.warped = fixedImage
                 self.saliency = sitk.Cast(sitk.RescaleIntensity(fixedImage, 0, 1), sitk.sitkFloat32)
                 self.jacobian = sitk.Cast(fixedImage * 0 + 1, sitk.sitkFloat32)
+                self.confidence = sitk.Cast(sitk.RescaleIntensity(fixedImage, 0.1, 1), sitk.sitkFloat32)
                 self.tre = {"before": np.linalg.norm(fixedLandmarks - movingLandmarks, axis=1),
                             "after": np.linalg.norm(fixedLandmarks + shift - movingLandmarks, axis=1)}
                 self.timings, self.metrics = {}, {}
@@ -742,8 +757,11 @@ class DeepSalRegTest(ScriptedLoadableModuleTest):
         self.assertEqual(result.saliency.GetDisplayNode().GetColorNodeID(), "vtkMRMLColorTableNodeFileInferno.txt")
         self.assertEqual(result.jacobian.GetDisplayNode().GetColorNodeID(), "vtkMRMLColorTableNodeFileDivergingBlueRed.txt")
         for composite in slicer.util.getNodesByClass("vtkMRMLSliceCompositeNode"):
-            self.assertEqual(composite.GetForegroundVolumeID(), result.saliency.GetID())
+            self.assertEqual(composite.GetForegroundVolumeID(), result.confidence.GetID())  # the overlay
             self.assertEqual(composite.GetBackgroundVolumeID(), fixed.GetID())
+        legends = [result.confidence.GetNthDisplayNode(i) for i in range(result.confidence.GetNumberOfDisplayNodes())]
+        self.assertTrue(any(n.IsA("vtkMRMLColorLegendDisplayNode") and "confidence" in n.GetTitleText()
+                            for n in legends))
         self.assertEqual(result.tre_table.GetNumberOfRows(), 4)
         self.assertAlmostEqual(float(result.tre_table.GetCellText(3, 2)), 0.0, places=6)
         self.delayDisplay("Test passed")

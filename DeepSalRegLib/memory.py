@@ -1,13 +1,14 @@
 """Memory a registration will need, checked before the work starts.
 
-A registration holds a few full-resolution copies on the FIXED image grid at the end (the float64
-displacement field and the transform built from it, the warped image, the saliency and Jacobian maps),
-besides the working-grid tensors (bounded by the working-grid voxel budget). Measured with
-``/usr/bin/time -v`` on 3D uint8 pairs (2 CPU cores, session 6): 200^3 1.87 GB, 300^3 3.44 GB peak RSS,
-i.e. about 1.1 GB plus 88 bytes per fixed voxel; the moving image adds its float32 copy and a mask.
+Besides the working-grid tensors (bounded by the working-grid voxel budget, ~1.1 GB in 3D), a registration
+holds full-resolution images on the FIXED grid: the inputs as float32, the warped image and, while the
+fixed image has at most ``registration.FIELD_ON_FIXED_GRID_UP_TO`` times the working grid's voxels, the
+float64 displacement field with the transform's own copy and the saliency and Jacobian maps (larger fixed
+images get those on the working grid). Peak RSS measured on 3D uint8 pairs (2 CPU cores, session 6;
+``register()`` + ``save()``): 200^3 1.85 GB and 300^3 3.38-3.53 GB (field on the fixed grid: ~1.1 GB +
+88 B per fixed voxel), 600^3 4.87 GB (field on the working grid: ~1.1 GB + 17.5 B per fixed voxel).
 ``estimate_peak_bytes`` uses those numbers with a margin; ``check_memory`` refuses a pair that would not fit
-in the memory available now (a 600^3 uint8 pair needs about 21 GB) with one line instead of being killed
-half-way.
+in the memory available now with one line instead of being killed half-way.
 """
 from __future__ import annotations
 
@@ -21,13 +22,21 @@ __all__ = ["estimate_peak_bytes", "available_bytes", "check_memory"]
 
 _BASE = {2: 0.6e9, 3: 1.2e9}  # torch, the network and the working-grid tensors (working grid at its budget)
 _PER_FIXED_VOXEL = 95.0  # bytes: float64 field + its transform copy, warped, saliency, Jacobian, temporaries
-_PER_MOVING_VOXEL = 10.0  # bytes: the float32 image as read and its field-of-view mask
+_PER_FIXED_VOXEL_FIELD_ON_WORKING_GRID = 14.0  # bytes: the fixed image and the warped one, temporaries
+_PER_MOVING_VOXEL = 6.0  # bytes: the float32 image as read, temporaries
 
 
-def estimate_peak_bytes(fixed_size, moving_size) -> float:
-    """Estimated peak memory (bytes) of ``register()`` for images of these sizes (voxels per axis)."""
+def estimate_peak_bytes(fixed_size, moving_size, working_voxels: int | None = None) -> float:
+    """Estimated peak memory (bytes) of ``register()`` + ``save()`` for images of these sizes (voxels per
+    axis) and a working grid of ``working_voxels`` voxels (None: as many as the fixed image)."""
+    from .registration import FIELD_ON_FIXED_GRID_UP_TO
+
     nd = len(fixed_size)
-    return _BASE.get(nd, _BASE[3]) + _PER_FIXED_VOXEL * math.prod(fixed_size) + _PER_MOVING_VOXEL * math.prod(moving_size)
+    n_fixed = math.prod(fixed_size)
+    working = n_fixed if working_voxels is None else working_voxels
+    per_fixed = (_PER_FIXED_VOXEL if n_fixed <= FIELD_ON_FIXED_GRID_UP_TO * working
+                 else _PER_FIXED_VOXEL_FIELD_ON_WORKING_GRID)
+    return _BASE.get(nd, _BASE[3]) + per_fixed * n_fixed + _PER_MOVING_VOXEL * math.prod(moving_size)
 
 
 def available_bytes() -> float | None:
@@ -56,14 +65,14 @@ def available_bytes() -> float | None:
     return min(limits) if limits else None
 
 
-def check_memory(fixed_size, moving_size, available: float | None = None) -> float:
+def check_memory(fixed_size, moving_size, working_voxels: int | None = None, available: float | None = None) -> float:
     """Raise ``MemoryLimitError`` when the estimate exceeds the available memory; returns the estimate."""
-    need = estimate_peak_bytes(fixed_size, moving_size)
+    need = estimate_peak_bytes(fixed_size, moving_size, working_voxels)
     room = available_bytes() if available is None else available
     if room is not None and need > room:
         size = "x".join(str(n) for n in fixed_size)
         raise MemoryLimitError(
             f"this pair needs about {need / 1e9:.1f} GB of memory (fixed image {size} voxels) but "
             f"{room / 1e9:.1f} GB are available; free memory, or register copies resampled to a coarser grid "
-            "(the result is computed on a grid of at most 160^3 voxels anyway)")
+            "(the field is computed on a grid of at most 160^3 voxels anyway)")
     return need

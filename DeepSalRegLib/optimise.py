@@ -28,7 +28,10 @@ from .losses import jsm_weight, lncc_similarity, negative_jacobian_penalty, smoo
 from .saliency import gaussian_smooth, joint_saliency_map
 from .warp import compose, integrate_velocity, resize_field, spatial_dims, warp
 
-__all__ = ["Adam", "Convergence", "downsample", "instance_optimise", "level_factors", "pyramid_levels", "velocity_grid"]
+#: floor of the refinement's similarity weight ``alpha + (1 - alpha) * JSM`` (``losses.jsm_weight``)
+JSM_ALPHA = 0.1
+
+__all__ = ["JSM_ALPHA", "Adam", "Convergence", "downsample", "instance_optimise", "level_factors", "pyramid_levels", "velocity_grid"]
 
 
 class Adam:
@@ -196,7 +199,7 @@ def instance_optimise(
     moving_mask: torch.Tensor | None = None,
     smoothness_weight: float = 5.0,
     jacobian_weight: float = 0.0,
-    jsm_alpha: float = 0.1,
+    jsm_alpha: float = JSM_ALPHA,
     use_jsm: bool = True,
     learning_rate: float = 0.5,
     max_learning_rate: float = 2.0,

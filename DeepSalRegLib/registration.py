@@ -32,6 +32,9 @@ __all__ = ["register", "RegistrationResult", "resolve_device", "DEFAULT_MAX_VOXE
 
 #: Working-grid voxel budget per dimension (larger inputs are resampled more coarsely, with a warning).
 DEFAULT_MAX_VOXELS = {2: 1024 * 1024, 3: 160 * 160 * 160}
+#: The written field lives on the fixed image's grid unless that has more than this many times the working
+#: grid's voxels; then on the working grid (where it was computed).
+FIELD_ON_FIXED_GRID_UP_TO = 8
 #: Least fraction of the fixed image that the moving image must cover in physical space (else: InputError).
 MIN_OVERLAP = 0.01
 
@@ -60,11 +63,16 @@ class RegistrationResult:
 
     Attributes:
         fixed, moving: the input images as read (scalar float32).
-        displacement: vector image (float64, LPS mm) on the fixed grid; fixed point ``p`` -> ``p + d(p)``.
+        displacement: vector image (float64, LPS mm) on the fixed grid (on the working grid for a fixed image
+            of more than ``FIELD_ON_FIXED_GRID_UP_TO`` times its voxels); fixed point ``p`` -> ``p + d(p)``.
         transform: ``sitk.DisplacementFieldTransform`` of that field (fixed -> moving).
         warped: the moving image resampled onto the fixed grid through ``transform``.
-        saliency: joint saliency map of fixed and warped (0..1) on the fixed grid.
-        jacobian: Jacobian determinant of ``p -> T(p)`` on the fixed grid (<= 0 means folding).
+        saliency: joint saliency map of fixed and warped (0..1), on the grid of ``displacement``.
+        jacobian: Jacobian determinant of ``p -> T(p)`` (<= 0 means folding), on the grid of ``displacement``.
+        confidence: the weight the refinement's similarity had at the end (0..1), on the grid of
+            ``displacement``: ``alpha + (1 - alpha) * JSM`` (``use_jsm``) inside both fields of view and masks,
+            0 outside them. Low means: structure in one image only (a lesion, a cavity, contrast agent), flat
+            tissue, or outside a mask: the field there follows its surroundings, not the image content.
         timings: seconds per step (``read``, ``resample``, ``affine``, ``network``, ``optimise``, ``export``,
             ``total``).
         metrics: similarity before/after, folding fraction, SD of log-Jacobian, grid and model facts,
@@ -89,6 +97,7 @@ class RegistrationResult:
     landmark_labels: list | None = None
     inputs: dict = dataclass_field(default_factory=dict)
     options: dict = dataclass_field(default_factory=dict)
+    confidence: sitk.Image | None = None
 
     def summary(self) -> dict:
         """Plain-data summary (what ``summary.json`` holds)."""
@@ -102,7 +111,7 @@ class RegistrationResult:
         """Write every result into ``outdir`` as a whole; returns ``{name: path}``.
 
         Files: ``transform.h5`` (ITK transform file), ``displacement.nrrd`` (the same field as an image),
-        ``warped.nrrd``, ``saliency.nrrd``, ``jacobian.nrrd``, ``summary.json``, ``report.png`` and, with
+        ``warped.nrrd``, ``saliency.nrrd``, ``jacobian.nrrd``, ``confidence.nrrd``, ``summary.json``, ``report.png`` and, with
         landmarks, ``landmarks_mapped.{csv,fcsv,mrk.json}`` and ``tre.csv``. ``inputs`` are paths that
         must never be overwritten; ``command`` (e.g. ``sys.argv``) is recorded in ``summary.json``.
 
@@ -117,6 +126,8 @@ class RegistrationResult:
 
         outdir = io.check_output_folder(outdir)
         names = ["transform.h5", "displacement.nrrd", "warped.nrrd", "saliency.nrrd", "jacobian.nrrd"]
+        if self.confidence is not None:
+            names.append("confidence.nrrd")
         if self.mapped_landmarks is not None:
             names += [f"landmarks_mapped.{ext}" for ext in ("csv", "fcsv", "mrk.json")]
         if self.tre is not None:
@@ -140,6 +151,8 @@ class RegistrationResult:
             io.write_image(self.warped, staged("warped.nrrd"))
             io.write_image(self.saliency, staged("saliency.nrrd"))
             io.write_image(self.jacobian, staged("jacobian.nrrd"))
+            if self.confidence is not None:
+                io.write_image(self.confidence, staged("confidence.nrrd"))
             if self.mapped_landmarks is not None:
                 for ext in ("csv", "fcsv", "mrk.json"):
                     io.write_landmarks(self.mapped_landmarks, staged(f"landmarks_mapped.{ext}"), self.landmark_labels)
@@ -211,14 +224,12 @@ def _ncc(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
     return float(a @ b / denom) if denom > 0 else 0.0
 
 
+def _voxels(image: sitk.Image) -> int:
+    return int(np.prod(image.GetSize()))
+
+
 def _rounded(values) -> list:
     return [round(float(v), 1) for v in values]
-
-
-def _field_of_view(image: sitk.Image, grid: sitk.Image) -> np.ndarray:
-    """Boolean array on ``grid``: where ``image`` has data (inside its physical extent)."""
-    ones = sitk.Cast(image * 0 + 1, sitk.sitkUInt8)
-    return sitk.GetArrayFromImage(geometry.resample_onto(ones, grid, labels=True)) > 0
 
 
 def _on_grid(array: np.ndarray, grid: sitk.Image) -> sitk.Image:
@@ -288,7 +299,8 @@ def register(
     from . import models
     from .affine import affine_align
     from .losses import lncc_similarity
-    from .optimise import Convergence, downsample, instance_optimise
+    from .losses import jsm_weight
+    from .optimise import JSM_ALPHA, Convergence, downsample, instance_optimise
     from .quality import preset
     from .saliency import joint_saliency_map
     from .warp import compose, folding_fraction, jacobian_determinant, resize_field, warp
@@ -324,10 +336,6 @@ def register(
     for mask, name in ((fmask_img, "fixed mask"), (mmask_img, "moving mask")):
         if mask is not None and mask.GetDimension() != nd:
             raise InputError(f"The {name} is {mask.GetDimension()}D but the images are {nd}D.")
-    if memory_check:
-        from .memory import check_memory
-
-        check_memory(fixed_img.GetSize(), moving_img.GetSize())
     fixed_pts, labels = _landmarks(fixed_landmarks, "fixed landmarks")
     moving_pts, _ = _landmarks(moving_landmarks, "moving landmarks")
     if (fixed_pts is None) != (moving_pts is None):
@@ -355,14 +363,18 @@ def register(
     budget = max_voxels or DEFAULT_MAX_VOXELS[nd]
     grid = geometry.make_working_grid(fixed_img, multiple=multiple, max_voxels=budget, spacing=spacing)
     natural = geometry.make_working_grid(fixed_img, multiple=multiple, spacing=spacing)
+    if memory_check:  # before any full-resolution work
+        from .memory import check_memory
+
+        check_memory(fixed_img.GetSize(), moving_img.GetSize(), _voxels(grid))
     if grid.GetSpacing()[0] > natural.GetSpacing()[0] * 1.001:
         warnings.warn(f"the fixed image is large: registering on a {grid.GetSpacing()[0]:.2f} mm grid "
                       f"({'x'.join(map(str, grid.GetSize()))}) instead of {natural.GetSpacing()[0]:.2f} mm to stay "
                       f"within {budget} voxels; raise max_voxels for more detail")
     f_arr = sitk.GetArrayFromImage(geometry.resample_onto(fixed_img, grid))
     m_arr = sitk.GetArrayFromImage(geometry.resample_onto(moving_img, grid))
-    inside_fixed = _field_of_view(fixed_img, grid)
-    inside_moving = _field_of_view(moving_img, grid)
+    inside_fixed = geometry.field_of_view(fixed_img, grid)
+    inside_moving = geometry.field_of_view(moving_img, grid)
     shared = (inside_fixed & inside_moving).sum() / max(int(inside_fixed.sum()), 1)
     if shared < MIN_OVERLAP:
         raise InputError(
@@ -455,14 +467,26 @@ def register(
         jsm_downsample = 2 if f_t[0, 0].numel() > 2 ** 20 else 1
         jsm = joint_saliency_map(f_t, warped_t, downsample=jsm_downsample)[0, 0].cpu().numpy()
         det = jacobian_determinant(flow)[0, 0].cpu().numpy()
+        # the weight the refinement's similarity had (``instance_optimise``): JSM-based, inside both images
+        weight = jsm_weight(torch.from_numpy(jsm), JSM_ALPHA) if use_jsm else torch.ones(f_t.shape[2:])
+        weight = weight * torch.from_numpy(f_mask.astype(np.float32))
+        if m_mask_t is not None:
+            weight = weight * warp(m_mask_t, flow)[0, 0].cpu()
+        weight = weight.numpy()
         folding = folding_fraction(flow, tensor(inside_fixed))
     u = flow[0].cpu().numpy()
     d_work = geometry.voxel_field_to_physical(u, grid)
-    disp = geometry.resample_displacement(geometry.displacement_image(d_work, grid), fixed_img)
+    # the field is computed on the working grid; a fixed image much larger than it gets the field on the
+    # working grid (interpolated linearly by whoever applies it, as it would be here): a float64 vector field
+    # on a 600^3 fixed grid alone would take 5.2 GB, twice (the transform holds its own copy)
+    field_grid = fixed_img if _voxels(fixed_img) <= FIELD_ON_FIXED_GRID_UP_TO * _voxels(grid) else grid
+    disp = geometry.resample_displacement(geometry.displacement_image(d_work, grid), field_grid)
     transform = geometry.displacement_transform(disp)
     warped = geometry.resample_onto(moving_img, fixed_img, transform=transform)
-    saliency = geometry.resample_onto(_on_grid(jsm, grid), fixed_img)
-    jacobian = geometry.resample_onto(_on_grid(det, grid), fixed_img, default=1.0)
+    # the maps follow the field: on the fixed grid, or on the working grid for a very large fixed image
+    saliency = geometry.resample_onto(_on_grid(jsm, grid), field_grid)
+    jacobian = geometry.resample_onto(_on_grid(det, grid), field_grid, default=1.0)
+    confidence = geometry.resample_onto(_on_grid(weight, grid), field_grid)
     w_norm = warped_t[0, 0].cpu().numpy()
     log_det = np.log(np.clip(det[region], 1e-6, None))
     metrics = dict(
@@ -497,4 +521,4 @@ def register(
     return RegistrationResult(fixed=fixed_img, moving=moving_img, displacement=disp, transform=transform,
                               warped=warped, saliency=saliency, jacobian=jacobian, timings=timings,
                               metrics=metrics, tre=tre, mapped_landmarks=mapped, landmark_labels=labels,
-                              inputs=sources, options=options)
+                              inputs=sources, options=options, confidence=confidence)

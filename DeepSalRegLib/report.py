@@ -187,6 +187,17 @@ class _View:
         return np.meshgrid(x, y)
 
 
+def _on_slab(image: sitk.Image, name: str, fixed: sitk.Image, fixed_slab: sitk.Image, view: "_View",
+             orientation: _Orientation) -> sitk.Image:
+    """``image`` on the view's slab of the fixed grid: cut out when it lives on the fixed grid, else (the field
+    and its maps of a very large fixed image stay on the working grid) interpolated onto the slab."""
+    if geometry.same_grid(image, fixed):
+        return view.slab(image, orientation)
+    if name == "displacement":
+        return geometry.resample_displacement(image, fixed_slab)
+    return geometry.resample_onto(image, fixed_slab, default=1.0 if name == "jacobian" else 0.0)
+
+
 def _views(orientation: _Orientation) -> list[_View]:
     """The displayed slices: one view in 2D, the middle axial, coronal and sagittal slices in 3D."""
     size, spacing = orientation.size, orientation.spacing
@@ -360,7 +371,8 @@ def render_report(result):
         fixed_pic = view.picture(fixed_slab, orientation)
         # the moving image on the fixed slice without any transform: lines up with the other panels
         moving_pic = view.picture(geometry.resample_onto(result.moving, fixed_slab), orientation)
-        pictures = {name: view.picture(view.slab(getattr(result, name), orientation), orientation)
+        pictures = {name: view.picture(_on_slab(getattr(result, name), name, fixed, fixed_slab, view, orientation),
+                                       orientation)
                     for name in ("warped", "saliency", "jacobian", "displacement")}
         slices[view.name] = dict(
             fixed=_grey(fixed_pic, f_win),

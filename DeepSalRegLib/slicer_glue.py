@@ -59,6 +59,7 @@ __all__ = [
     "color_node_id",
     "show_transform_grid",
     "show_saliency",
+    "show_confidence",
     "show_jacobian",
     "RegistrationOptions",
     "RegistrationOutputs",
@@ -545,6 +546,41 @@ def show_saliency(scene, saliency, fixed=None, opacity: float = 0.4, threshold: 
     return display
 
 
+#: what the confidence overlay means, for its colour legend and the node's description
+CONFIDENCE_MEANING = ("Alignment confidence: how much the image content drove the deformation here (the weight of "
+                      "the similarity: joint saliency, fields of view, masks). Bright: structure seen in both "
+                      "images. Dark: structure in one image only (tumour, resection, contrast agent), flat tissue "
+                      "or outside a mask: the deformation there follows its surroundings; check it by eye.")
+
+
+def show_confidence(scene, confidence, fixed=None, opacity: float = 0.4):
+    """Show the confidence map (0..1) in inferno colours over the fixed volume, with a colour legend titled
+    "Alignment confidence" (its meaning in ``CONFIDENCE_MEANING``, also the node's description). Returns the
+    confidence display node."""
+    display = _scalar_display_node(confidence)
+    display.SetAndObserveColorNodeID(color_node_id(scene, "Inferno"))
+    display.AutoWindowLevelOff()
+    display.SetWindowLevelMinMax(0.0, 1.0)
+    confidence.SetDescription(CONFIDENCE_MEANING)
+    legend = None
+    for index in range(confidence.GetNumberOfDisplayNodes()):
+        node = confidence.GetNthDisplayNode(index)
+        if node is not None and node.IsA("vtkMRMLColorLegendDisplayNode"):
+            legend = node
+    if legend is None:
+        if not scene.IsNodeClassRegistered("vtkMRMLColorLegendDisplayNode"):  # Slicer's Colors module does it
+            import slicer
+
+            scene.RegisterNodeClass(slicer.vtkMRMLColorLegendDisplayNode())
+        legend = scene.AddNewNodeByClass("vtkMRMLColorLegendDisplayNode")
+        confidence.AddAndObserveDisplayNodeID(legend.GetID())
+    legend.SetAndObservePrimaryDisplayNode(display)
+    legend.SetTitleText("Alignment confidence (dark: not driven by the images)")
+    legend.SetVisibility(True)
+    _set_slice_layers(scene, background=fixed, foreground=confidence, foreground_opacity=opacity)
+    return display
+
+
 def show_jacobian(scene, jacobian):
     """Colour the Jacobian determinant with a diverging map centred on 1 (blue: shrinks, red: grows).
 
@@ -596,6 +632,7 @@ class RegistrationOutputs:
     warped: sitk.Image | None = None
     saliency: sitk.Image | None = None
     jacobian: sitk.Image | None = None
+    confidence: sitk.Image | None = None
     tre_before: np.ndarray | None = None
     tre_after: np.ndarray | None = None
     summary: dict = field(default_factory=dict)
@@ -613,6 +650,7 @@ class OutputNodes:
     jacobian: object | None = None
     tre_table: object | None = None
     create_warped: bool = False
+    confidence: object | None = None
 
 
 @dataclass
@@ -625,6 +663,7 @@ class ResultNodes:
     jacobian: object | None
     tre_table: object | None
     outputs: RegistrationOutputs
+    confidence: object | None = None
 
     @property
     def mean_tre(self) -> tuple[float, float] | None:
@@ -657,6 +696,7 @@ def outputs_from_result(result) -> RegistrationOutputs:
         warped=getattr(result, "warped", None),
         saliency=getattr(result, "saliency", None),
         jacobian=getattr(result, "jacobian", None),
+        confidence=getattr(result, "confidence", None),
         tre_before=before,
         tre_after=after,
         summary={"timings": dict(getattr(result, "timings", None) or {}),
@@ -703,6 +743,7 @@ def outputs_from_folder(folder) -> RegistrationOutputs:
         warped=optional_image("warped.nrrd"),
         saliency=optional_image("saliency.nrrd"),
         jacobian=optional_image("jacobian.nrrd"),
+        confidence=optional_image("confidence.nrrd"),
         tre_before=before,
         tre_after=after,
         summary=summary,
@@ -753,6 +794,7 @@ def import_outputs(scene, outputs: RegistrationOutputs, fixed, moving, nodes: Ou
     warped = volume(outputs.warped, nodes.warped, "warped", wanted=nodes.create_warped)
     saliency = volume(outputs.saliency, nodes.saliency, "saliency")
     jacobian = volume(outputs.jacobian, nodes.jacobian, "Jacobian")
+    confidence = volume(outputs.confidence, nodes.confidence, "confidence")
     table = None
     if outputs.tre_before is not None:
         labels = landmark_labels if landmark_labels is not None and len(landmark_labels) == len(outputs.tre_before) else None
@@ -763,14 +805,16 @@ def import_outputs(scene, outputs: RegistrationOutputs, fixed, moving, nodes: Ou
         moving.SetAndObserveTransformNodeID(transform.GetID())
     if moving_landmarks is not None and moving_landmarks.GetParentTransformNode() in (None, transform):
         moving_landmarks.SetAndObserveTransformNodeID(transform.GetID())
-    _follow_fixed_volume(fixed, [transform, warped, saliency, jacobian])
+    _follow_fixed_volume(fixed, [transform, warped, saliency, jacobian, confidence])
     if show:
         show_transform_grid(transform, region=fixed)
-        if saliency is not None:
+        if confidence is not None:
+            show_confidence(scene, confidence, fixed)
+        elif saliency is not None:
             show_saliency(scene, saliency, fixed)
         if jacobian is not None:
             show_jacobian(scene, jacobian)
-    return ResultNodes(transform, warped, saliency, jacobian, table, outputs)
+    return ResultNodes(transform, warped, saliency, jacobian, table, outputs, confidence)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -793,12 +837,25 @@ def _landmark_inputs(fixed_landmarks, moving_landmarks, dimension: int):
     return fixed_points, moving_points, labels
 
 
+def _mask_image(node, dimension: int, name: str):
+    """A mask volume node (label map or scalar volume; nonzero = use) as a SimpleITK image, or None."""
+    if node is None:
+        return None
+    image = volume_node_to_image(node, dimension=dimension)
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"the {name} {node.GetName()!r} has several components; use a label map")
+    return sitk.Cast(sitk.NotEqual(image, 0), sitk.sitkUInt8)
+
+
 def register_nodes(scene, fixed, moving, options: RegistrationOptions | None = None, nodes: OutputNodes | None = None,
                    fixed_landmarks=None, moving_landmarks=None, register: Callable | None = None,
-                   progress: Callable[[float, str], None] | None = None, show: bool = True) -> ResultNodes:
+                   progress: Callable[[float, str], None] | None = None, show: bool = True,
+                   fixed_mask=None, moving_mask=None) -> ResultNodes:
     """Register two volume nodes in this process (batch, PythonSlicer) and import the results.
 
     Args:
+        fixed_mask, moving_mask: optional label map (or scalar volume) nodes: the similarity counts only where
+            they are nonzero (e.g. leave out a tumour or resection cavity); on their own grids.
         register: the library call (default ``DeepSalRegLib.register``); tests pass a stand-in.
         progress: ``progress(fraction, message)``, passed on to the library.
     """
@@ -808,7 +865,12 @@ def register_nodes(scene, fixed, moving, options: RegistrationOptions | None = N
     fixed_points, moving_points, labels = _landmark_inputs(fixed_landmarks, moving_landmarks, fixed_image.GetDimension())
     if register is None:
         from . import register
-    result = register(fixed_image, moving_image, model=options.model, device=options.device,
+    masks = {}
+    if fixed_mask is not None:
+        masks["fixed_mask"] = _mask_image(fixed_mask, fixed_image.GetDimension(), "fixed mask")
+    if moving_mask is not None:
+        masks["moving_mask"] = _mask_image(moving_mask, fixed_image.GetDimension(), "moving mask")
+    result = register(fixed_image, moving_image, model=options.model, device=options.device, **masks,
                       iterations=options.iterations, quality=options.quality, time_budget=options.time_budget,
                       affine=options.affine, fixed_landmarks=fixed_points,
                       moving_landmarks=moving_points, progress=progress)
@@ -827,7 +889,8 @@ def parse_progress_line(line: str) -> tuple[float, str] | None:
 
 
 def cli_arguments(fixed_path, moving_path, output_folder, options: RegistrationOptions,
-                  fixed_landmarks_path=None, moving_landmarks_path=None, report: bool = False) -> list[str]:
+                  fixed_landmarks_path=None, moving_landmarks_path=None, report: bool = False,
+                  fixed_mask_path=None, moving_mask_path=None) -> list[str]:
     """Arguments of ``deepsalreg register`` (after the program) for one pair, with progress lines on.
 
     ``report=False`` skips ``report.png``: Slicer shows the results itself.
@@ -844,6 +907,10 @@ def cli_arguments(fixed_path, moving_path, output_folder, options: RegistrationO
         args.append("--no-report")
     if fixed_landmarks_path is not None and moving_landmarks_path is not None:
         args += ["--fixed-landmarks", str(fixed_landmarks_path), "--moving-landmarks", str(moving_landmarks_path)]
+    if fixed_mask_path is not None:
+        args += ["--fixed-mask", str(fixed_mask_path)]
+    if moving_mask_path is not None:
+        args += ["--moving-mask", str(moving_mask_path)]
     return args
 
 
@@ -966,6 +1033,7 @@ class RegistrationJob:
         options: model, device and iterations.
         nodes: nodes to fill with the results (``None`` members are created).
         fixed_landmarks, moving_landmarks: optional markups nodes (both or neither).
+        fixed_mask, moving_mask: optional label map nodes: the similarity counts only where they are nonzero.
         python: interpreter for the child (in Slicer: the ``PythonSlicer`` launcher).
         env: environment of the child (default: this process's); ``DeepSalRegLib``'s folder is prepended
             to ``PYTHONPATH`` and, for ``device="cpu"``, CUDA is hidden.
@@ -983,13 +1051,14 @@ class RegistrationJob:
                  fixed_landmarks=None, moving_landmarks=None, python: str | None = None, env: dict | None = None,
                  command: Sequence[str] | None = None, start_process: Callable[..., Process] | None = None,
                  workdir=None, temp_root=None, on_progress: Callable[[float, str], None] | None = None,
-                 on_log: Callable[[str], None] | None = None, show: bool = True):
+                 on_log: Callable[[str], None] | None = None, show: bool = True, fixed_mask=None, moving_mask=None):
         if fixed is None or moving is None:
             raise InputError("select a fixed and a moving volume")
         self.scene, self.fixed, self.moving = scene, fixed, moving
         self.options = options or RegistrationOptions()
         self.nodes = nodes or OutputNodes()
         self.fixed_landmarks, self.moving_landmarks = fixed_landmarks, moving_landmarks
+        self.fixed_mask, self.moving_mask = fixed_mask, moving_mask
         self.command = list(command) if command else [python or sys.executable, "-m", "DeepSalRegLib.cli"]
         self.env = dict(os.environ if env is None else env)
         self.start_process = start_process or ChildProcess
@@ -1044,7 +1113,14 @@ class RegistrationJob:
             landmark_paths = (inputs / "fixed_landmarks.csv", inputs / "moving_landmarks.csv")
             write_landmarks(fixed_points, landmark_paths[0], self._labels)
             write_landmarks(moving_points, landmark_paths[1], self._labels)
-        return cli_arguments(inputs / "fixed.nrrd", inputs / "moving.nrrd", self.output_folder, self.options, *landmark_paths)
+        mask_paths = []
+        for node, name in ((self.fixed_mask, "fixed_mask"), (self.moving_mask, "moving_mask")):
+            mask = _mask_image(node, dimension, name.replace("_", " "))
+            if mask is not None:
+                sitk.WriteImage(mask, str(inputs / f"{name}.nrrd"), True)
+            mask_paths.append(None if mask is None else inputs / f"{name}.nrrd")
+        return cli_arguments(inputs / "fixed.nrrd", inputs / "moving.nrrd", self.output_folder, self.options,
+                             *landmark_paths, fixed_mask_path=mask_paths[0], moving_mask_path=mask_paths[1])
 
     def start(self) -> "RegistrationJob":
         if self.state != "ready":

@@ -145,7 +145,7 @@ def test_different_sizes_and_spacings_and_results_on_the_fixed_grid():
     fixed = io.read_image(str(SAMPLE_PAIRS["3d"][0]))
     moving = sitk.Resample(io.read_image(str(SAMPLE_PAIRS["3d"][1])), [40, 50, 36], sitk.Transform(),
                            sitk.sitkLinear, (-75.0, -105.0, -65.0), (4.0, 4.0, 5.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
-    result = DeepSalRegLib.register(fixed, moving, model="none", iterations=20, max_voxels=32 ** 3)
+    result = DeepSalRegLib.register(fixed, moving, model="none", iterations=20, max_voxels=40 ** 3)
     for image in (result.warped, result.saliency, result.jacobian, result.displacement):
         assert image.GetSize() == fixed.GetSize()
         assert np.allclose(image.GetSpacing(), fixed.GetSpacing())
@@ -227,3 +227,45 @@ def test_every_quality_recovers_a_known_transform_and_costs_what_its_name_says()
     assert errors["accurate"] < 0.5 * 0.8, (errors, initial)  # half a voxel
     # measured 0.23 / 0.81 / 0.17 mm from 1.63: balanced stops while its step is still large (NOTES, open end)
     assert all(e < 0.6 * initial for e in errors.values()), (errors, initial)
+
+
+def test_a_fixed_image_much_larger_than_the_working_grid_gets_the_field_on_the_working_grid(tmp_path):
+    """Memory: a float64 field on a 600^3 fixed grid alone is 5.2 GB; the field was computed on the working
+    grid, so there it stays (and the saliency and Jacobian maps with it) when the fixed image has more than
+    FIELD_ON_FIXED_GRID_UP_TO times its voxels. The written transform still maps fixed to moving points."""
+    from DeepSalRegLib.registration import FIELD_ON_FIXED_GRID_UP_TO
+
+    moving = io.read_image(str(SAMPLE_PAIRS["2d"][0]))
+    shift = sitk.TranslationTransform(2, (3.0, -2.0))
+    fixed = geometry.resample_onto(moving, moving, transform=shift)
+    budget = 48 * 48
+    assert np.prod(fixed.GetSize()) > FIELD_ON_FIXED_GRID_UP_TO * budget
+    result = DeepSalRegLib.register(fixed, moving, model="none", affine=True, max_voxels=budget, iterations=0)
+    grid_size = result.displacement.GetSize()
+    assert np.prod(grid_size) <= budget and result.saliency.GetSize() == grid_size == result.jacobian.GetSize()
+    assert result.warped.GetSize() == fixed.GetSize()
+    result.save(tmp_path, report=False)
+    written = sitk.ReadTransform(str(tmp_path / "transform.h5"))
+    points = _tissue_points(fixed)
+    error = np.linalg.norm(io.transform_points(written, points) - io.transform_points(shift, points), axis=1)
+    assert error.mean() < 1.0, error.mean()  # 3.6 mm shift, working grid of ~4 mm voxels
+
+
+def test_the_confidence_map_is_the_weight_the_refinement_used(tmp_path):
+    """confidence.nrrd: alpha + (1 - alpha) JSM inside both images, zero outside the moving image's field of
+    view and inside a moving mask's hole; without the JSM only the fields of view and masks remain."""
+    from DeepSalRegLib.optimise import JSM_ALPHA
+
+    fixed = io.read_image(str(SAMPLE_PAIRS["2d"][0]))
+    moving = fixed[:, : fixed.GetSize()[1] // 2]  # covers only the upper half of the fixed image
+    result = DeepSalRegLib.register(fixed, moving, model="none", affine=False, iterations=3)
+    conf = sitk.GetArrayFromImage(result.confidence)
+    rows = conf.shape[0]
+    inside = conf[3: rows // 2 - 3, 3:-3]  # (edge voxels mix with the outside on the way to the fixed grid)
+    assert inside.min() >= JSM_ALPHA - 1e-4 and inside.max() <= 1.0 + 1e-6 and inside.max() > 0.5
+    assert np.abs(conf[rows // 2 + 3:]).max() < 1e-6  # no moving data there: nothing drove the field
+    plain = DeepSalRegLib.register(fixed, moving, model="none", affine=False, iterations=3, use_jsm=False)
+    values = np.unique(np.round(sitk.GetArrayFromImage(plain.confidence)[3: rows // 2 - 3, 3:-3], 4))
+    assert values.tolist() == [1.0]
+    result.save(tmp_path, report=False)
+    assert sitk.ReadImage(str(tmp_path / "confidence.nrrd")).GetSize() == fixed.GetSize()

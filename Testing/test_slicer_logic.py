@@ -70,6 +70,7 @@ def known_result(fixed, moving, shift=SHIFT, fixed_landmarks=None, moving_landma
     warped = sitk.Resample(moving, fixed, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     saliency = sitk.Cast(sitk.RescaleIntensity(fixed, 0.0, 1.0), sitk.sitkFloat32)
     jacobian = sitk.Cast(fixed * 0 + 1, sitk.sitkFloat32)
+    confidence = sitk.Cast(sitk.RescaleIntensity(fixed, 0.1, 1.0), sitk.sitkFloat32)
     tre = mapped = None
     if fixed_landmarks is not None:
         tre = dict(before=io.target_registration_error(None, fixed_landmarks, moving_landmarks),
@@ -77,7 +78,7 @@ def known_result(fixed, moving, shift=SHIFT, fixed_landmarks=None, moving_landma
         mapped = io.transform_points(transform, fixed_landmarks)
     return RegistrationResult(fixed=fixed, moving=moving, displacement=displacement, transform=transform, warped=warped,
                               saliency=saliency, jacobian=jacobian, timings={"total": 0.01}, metrics={"ncc_after": 0.99},
-                              tre=tre, mapped_landmarks=mapped)
+                              tre=tre, mapped_landmarks=mapped, confidence=confidence)
 
 
 def _argument(args, flag):
@@ -683,7 +684,8 @@ def test_apply_is_disabled_while_a_registration_runs_in_slicers_process(monkeypa
     widget._parameterNode = types.SimpleNamespace(
         fixedVolume=object(), movingVolume=object(), runInProcess=True, quality=module.Quality.BALANCED,
         iterations=0, model="default", device=module.Device.CPU, affine=True, outputTransform=None,
-        fixedLandmarks=None, movingLandmarks=None, warpedVolume=None, saliencyVolume=None, jacobianVolume=None,
+        fixedLandmarks=None, movingLandmarks=None, fixedMask=None, movingMask=None, warpedVolume=None,
+        saliencyVolume=None, jacobianVolume=None,
         treTable=None)
     calls, seen = [], []
 
@@ -720,3 +722,63 @@ def test_the_child_process_needs_neither_matplotlib_nor_tqdm(tmp_path):
     done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "out" / "transform.h5").is_file() and not (tmp_path / "out" / "report.png").exists()
+
+
+def _mask_node(scene, volume, name, lo=(2, 2, 1), hi=(14, 10, 6)):
+    """A label map on the grid of ``volume``: 1 inside the box [lo, hi) of voxel indices, 0 elsewhere."""
+    image = glue.volume_node_to_image(volume)
+    array = np.zeros(sitk.GetArrayFromImage(image).shape, np.uint8)
+    array[lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]] = 1
+    mask = sitk.GetImageFromArray(array)
+    mask.CopyInformation(image)
+    node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", name)
+    return glue.image_to_volume_node(mask, scene, name, node=node), array
+
+
+def test_masks_travel_to_the_command_line_and_to_the_library(scene, pair_nodes, tmp_path):
+    """The panel's fixed/moving mask selectors (the manual override of the joint saliency map): the child gets
+    them as files on their own geometry; an in-process registration gets them as images."""
+    fixed_mask, fixed_array = _mask_node(scene, pair_nodes.fixed, "fixed mask")
+    moving_mask, moving_array = _mask_node(scene, pair_nodes.moving, "moving mask", lo=(0, 0, 0), hi=(9, 9, 9))
+    fake = FakeCommandLine()
+    job = glue.RegistrationJob(scene, pair_nodes.fixed, pair_nodes.moving, start_process=fake, workdir=tmp_path / "w",
+                               fixed_mask=fixed_mask, moving_mask=moving_mask)
+    job.start()
+    args = fake.calls[0]["args"]
+    for flag, array, volume in (("--fixed-mask", fixed_array, pair_nodes.fixed),
+                                ("--moving-mask", moving_array, pair_nodes.moving)):
+        written = sitk.ReadImage(_argument(args, flag))
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(written), array)
+        assert written.GetOrigin() == pytest.approx(glue.volume_node_to_image(volume).GetOrigin())
+    job.wait(timeout=30, interval=0.001)
+    seen = {}
+
+    def register(fixed, moving, **kwargs):
+        seen.update(kwargs)
+        return known_result(fixed, moving)
+
+    glue.register_nodes(scene, pair_nodes.fixed, pair_nodes.moving, register=register, show=False,
+                        fixed_mask=fixed_mask, moving_mask=moving_mask)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(seen["fixed_mask"]), fixed_array)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(seen["moving_mask"]), moving_array)
+
+
+def test_the_confidence_map_is_the_overlay_with_its_meaning_in_the_legend(scene, pair_nodes, tmp_path):
+    """The weight the refinement actually used comes back as its own volume (from the command line's
+    confidence.nrrd), is overlaid on the fixed volume and carries a colour legend and a description that say
+    what dark means for the reader."""
+    for composite_class in ("vtkMRMLSliceCompositeNode",):
+        if scene.GetNumberOfNodesByClass(composite_class) == 0:
+            scene.AddNewNodeByClass(composite_class)
+    result = glue.RegistrationJob(scene, pair_nodes.fixed, pair_nodes.moving, start_process=FakeCommandLine(),
+                                  temp_root=tmp_path).wait(timeout=30, interval=0.001)
+    assert result.confidence is not None
+    values = slicer.util.arrayFromVolume(result.confidence)
+    assert 0.0 <= values.min() and values.max() <= 1.0 + 1e-6
+    composite = scene.GetNthNodeByClass(0, "vtkMRMLSliceCompositeNode")
+    assert composite.GetForegroundVolumeID() == result.confidence.GetID()
+    assert composite.GetBackgroundVolumeID() == pair_nodes.fixed.GetID()
+    legends = [result.confidence.GetNthDisplayNode(i) for i in range(result.confidence.GetNumberOfDisplayNodes())]
+    legends = [n for n in legends if n is not None and n.IsA("vtkMRMLColorLegendDisplayNode")]
+    assert len(legends) == 1 and "confidence" in legends[0].GetTitleText().lower()
+    assert "one image only" in result.confidence.GetDescription()

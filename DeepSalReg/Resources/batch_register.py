@@ -138,7 +138,7 @@ def register_pair(scene, pair: dict, output: Path, options, register=None, log=p
 
         result = glue.register_nodes(scene, fixed, moving, options, fixed_landmarks=fixed_markups,
                                      moving_landmarks=moving_markups, register=register, progress=progress, show=False)
-        created += [result.transform, result.warped, result.saliency, result.jacobian, result.tre_table]
+        created += [result.transform, result.warped, result.saliency, result.jacobian, result.confidence, result.tre_table]
         result.outputs.result.save(output, report=report)
         row["status"] = "ok"
         if result.mean_tre is not None:
