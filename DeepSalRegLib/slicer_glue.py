@@ -60,6 +60,7 @@ __all__ = [
     "show_transform_grid",
     "show_saliency",
     "show_confidence",
+    "own_linear_transforms",
     "show_jacobian",
     "RegistrationOptions",
     "RegistrationOutputs",
@@ -203,14 +204,17 @@ def _is_planar(ras_direction: np.ndarray, shape_ijk) -> bool:
     )
 
 
-def volume_node_to_image(node, dimension: int | None = None) -> sitk.Image:
+def volume_node_to_image(node, dimension: int | None = None, to_frame: np.ndarray | None = None) -> sitk.Image:
     """A SimpleITK image (LPS geometry) with the voxels and geometry of a volume node.
 
-    Parent transforms of the node are ignored: the image is the volume as stored (as Slicer writes it).
+    Parent transforms of the node are ignored (the image is the volume as stored, as Slicer writes it) unless
+    ``to_frame`` is given: a 4x4 RAS matrix from the node's coordinates to another frame (its linear parent
+    transforms, see ``own_linear_transforms``), applied to the geometry (no resampling).
 
     Args:
         node: scalar or vector volume node with image data.
         dimension: 2 or 3; ``None`` gives a 2D image for a single axial-plane slice and 3D otherwise.
+        to_frame: optional RAS matrix node -> frame.
     """
     from vtk.util import numpy_support
 
@@ -222,6 +226,8 @@ def volume_node_to_image(node, dimension: int | None = None) -> sitk.Image:
     array = numpy_support.vtk_to_numpy(image_data.GetPointData().GetScalars())
     array = array.reshape((k, j, i, components) if components > 1 else (k, j, i)).copy()
     matrix = _ijk_to_ras_of(node)
+    if to_frame is not None:
+        matrix = np.asarray(to_frame, dtype=float) @ matrix
     spacing = np.linalg.norm(matrix[:3, :3], axis=0)
     ras_direction = matrix[:3, :3] / spacing
     lps_direction = _FLIP[:, None] * ras_direction
@@ -802,7 +808,9 @@ def import_outputs(scene, outputs: RegistrationOutputs, fixed, moving, nodes: Ou
                              name=scene.GenerateUniqueName(f"{prefix} TRE"))
 
     if moving is not None:
-        moving.SetAndObserveTransformNodeID(transform.GetID())
+        # above the moving volume's own linear transforms (kept: they were the start), else on the volume
+        chain, _ = own_linear_transforms(moving, fixed, transform)
+        (chain[-1] if chain else moving).SetAndObserveTransformNodeID(transform.GetID())
     if moving_landmarks is not None and moving_landmarks.GetParentTransformNode() in (None, transform):
         moving_landmarks.SetAndObserveTransformNodeID(transform.GetID())
     _follow_fixed_volume(fixed, [transform, warped, saliency, jacobian, confidence])
@@ -820,6 +828,76 @@ def import_outputs(scene, outputs: RegistrationOutputs, fixed, moving, nodes: Ou
 # ---------------------------------------------------------------------------------------------------------
 # Running the library
 # ---------------------------------------------------------------------------------------------------------
+
+
+def own_linear_transforms(moving, fixed=None, output=None):
+    """The moving volume's own parent transforms and the RAS matrix they apply: ``(chain, matrix)``.
+
+    Its own are the transforms above it up to (not including) the output transform node or an earlier
+    registration result of this moving volume (a transform whose moving-node reference is this volume, as
+    registration modules tag them): both are replaced now; or a transform the fixed volume is also under (a
+    shared frame). They are kept
+    and used as the start (e.g. a manual pre-alignment from the Transforms module): the moving image is
+    registered as displayed through them, and the result transform goes above the topmost of them.
+    ``matrix`` maps the volume's coordinates to the frame above the chain (identity without a chain).
+
+    Raises:
+        InputError: one of them is not linear (harden it or remove it first).
+    """
+    import vtk
+
+    shared = set()
+    node = fixed.GetParentTransformNode() if fixed is not None else None
+    while node is not None:
+        shared.add(node.GetID())
+        node = node.GetParentTransformNode()
+    def earlier_result(transform) -> bool:
+        role = type(transform).GetMovingNodeReferenceRole()
+        return transform.GetNodeReferenceID(role) == moving.GetID()
+
+    chain = []
+    node = moving.GetParentTransformNode()
+    while node is not None and node is not output and node.GetID() not in shared and not earlier_result(node):
+        chain.append(node)
+        node = node.GetParentTransformNode()
+    if not chain:
+        return [], np.eye(4)
+    for transform in chain:
+        if not transform.IsTransformToWorldLinear() and not transform.IsLinear():
+            raise InputError(f"the moving volume is under the non-linear transform {transform.GetName()!r}; harden "
+                             "it (Transforms module) or remove it before registering")
+    matrix = vtk.vtkMatrix4x4()
+    type(chain[0]).GetMatrixTransformBetweenNodes(chain[0], chain[-1].GetParentTransformNode(), matrix)
+    return chain, _numpy_matrix(matrix)
+
+
+def _moving_inputs(fixed, moving, fixed_landmarks, moving_landmarks, output=None):
+    """``(fixed_image, moving_image, fixed_points, moving_points, labels)`` as registered: the moving volume
+    and its landmarks through the moving volume's own linear transforms (``own_linear_transforms``)."""
+    import vtk
+
+    fixed_image = volume_node_to_image(fixed)
+    dimension = fixed_image.GetDimension()
+    chain, matrix = own_linear_transforms(moving, fixed, output)
+    moving_image = volume_node_to_image(moving, dimension=dimension, to_frame=matrix if chain else None)
+    fixed_points, moving_points, labels = _landmark_inputs(fixed_landmarks, moving_landmarks, dimension)
+    if chain and moving_points is not None:
+        to_frame = vtk.vtkMatrix4x4()
+        if not type(chain[0]).GetMatrixTransformBetweenNodes(moving_landmarks.GetParentTransformNode(),
+                                                            chain[-1].GetParentTransformNode(), to_frame):
+            raise InputError("the moving landmarks are under a non-linear transform; harden it first")
+        moving_points = _in_frame(moving_points, _numpy_matrix(to_frame))
+    return fixed_image, moving_image, fixed_points, moving_points, labels
+
+
+def _in_frame(points_lps: np.ndarray | None, matrix: np.ndarray) -> np.ndarray | None:
+    """LPS points mapped by a RAS 4x4 matrix."""
+    if points_lps is None or np.allclose(matrix, np.eye(4)):
+        return points_lps
+    nd = points_lps.shape[1]
+    ras = lps_to_ras(points_lps)
+    moved = ras @ matrix[:3, :3].T + matrix[:3, 3]
+    return ras_to_lps(moved, nd)
 
 
 def _landmark_inputs(fixed_landmarks, moving_landmarks, dimension: int):
@@ -860,9 +938,8 @@ def register_nodes(scene, fixed, moving, options: RegistrationOptions | None = N
         progress: ``progress(fraction, message)``, passed on to the library.
     """
     options = options or RegistrationOptions()
-    fixed_image = volume_node_to_image(fixed)
-    moving_image = volume_node_to_image(moving, dimension=fixed_image.GetDimension())
-    fixed_points, moving_points, labels = _landmark_inputs(fixed_landmarks, moving_landmarks, fixed_image.GetDimension())
+    fixed_image, moving_image, fixed_points, moving_points, labels = _moving_inputs(
+        fixed, moving, fixed_landmarks, moving_landmarks, (nodes or OutputNodes()).transform)
     if register is None:
         from . import register
     masks = {}
@@ -1100,10 +1177,9 @@ class RegistrationJob:
             self.workdir = Path(tempfile.mkdtemp(prefix="DeepSalReg-", dir=self.temp_root))
         inputs = self.workdir / "input"
         inputs.mkdir(parents=True, exist_ok=True)
-        fixed_image = volume_node_to_image(self.fixed)
+        fixed_image, moving_image, fixed_points, moving_points, self._labels = _moving_inputs(
+            self.fixed, self.moving, self.fixed_landmarks, self.moving_landmarks, self.nodes.transform)
         dimension = fixed_image.GetDimension()
-        moving_image = volume_node_to_image(self.moving, dimension=dimension)
-        fixed_points, moving_points, self._labels = _landmark_inputs(self.fixed_landmarks, self.moving_landmarks, dimension)
         sitk.WriteImage(fixed_image, str(inputs / "fixed.nrrd"))
         sitk.WriteImage(moving_image, str(inputs / "moving.nrrd"))
         landmark_paths = (None, None)

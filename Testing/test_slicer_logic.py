@@ -782,3 +782,51 @@ def test_the_confidence_map_is_the_overlay_with_its_meaning_in_the_legend(scene,
     legends = [n for n in legends if n is not None and n.IsA("vtkMRMLColorLegendDisplayNode")]
     assert len(legends) == 1 and "confidence" in legends[0].GetTitleText().lower()
     assert "one image only" in result.confidence.GetDescription()
+
+
+def test_a_transform_already_on_the_moving_volume_is_kept_and_used_as_the_start(scene, pair_nodes, tmp_path):
+    """A manual pre-alignment of the moving volume (Transforms module) is neither dropped nor ignored: the
+    moving volume is sent as displayed through it, and the result transform goes above it."""
+    import vtk
+
+    prealign = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "manual prealignment")
+    matrix = vtk.vtkMatrix4x4()
+    matrix.SetElement(0, 3, 10.0)  # 10 mm towards R ("to parent")
+    prealign.SetMatrixTransformToParent(matrix)
+    pair_nodes.moving.SetAndObserveTransformNodeID(prealign.GetID())
+    pair_nodes.moving_markups.SetAndObserveTransformNodeID(prealign.GetID())
+    fake = FakeCommandLine()
+    result = glue.RegistrationJob(scene, pair_nodes.fixed, pair_nodes.moving, start_process=fake,
+                                  fixed_landmarks=pair_nodes.fixed_markups, moving_landmarks=pair_nodes.moving_markups,
+                                  workdir=tmp_path / "w").wait(timeout=30, interval=0.001)
+    stored = glue.volume_node_to_image(pair_nodes.moving)
+    sent = sitk.ReadImage(fake.inputs["moving"])
+    np.testing.assert_allclose(sent.GetOrigin(), np.asarray(stored.GetOrigin()) + [-10.0, 0.0, 0.0], atol=1e-6)  # LPS
+    sent_points, _ = io.read_landmarks(fake.inputs["moving_landmarks"])
+    np.testing.assert_allclose(sent_points, pair_nodes.points + SHIFT + [-10.0, 0.0, 0.0], atol=1e-6)
+    assert pair_nodes.moving.GetParentTransformNode() is prealign  # kept
+    assert prealign.GetParentTransformNode() is result.transform  # the result on top of it
+    # a second run with the same output transform re-registers from the pre-alignment, not from the result
+    again = FakeCommandLine()
+    glue.RegistrationJob(scene, pair_nodes.fixed, pair_nodes.moving, start_process=again,
+                         nodes=glue.OutputNodes(transform=result.transform), workdir=tmp_path / "w2").wait(
+        timeout=30, interval=0.001)
+    np.testing.assert_allclose(sitk.ReadImage(again.inputs["moving"]).GetOrigin(), sent.GetOrigin(), atol=1e-6)
+    assert prealign.GetParentTransformNode() is result.transform
+    # ... and so does one that creates a new output transform: the earlier result (tagged with this moving
+    # volume) is replaced, not treated as part of the pre-alignment
+    third = FakeCommandLine()
+    newer = glue.RegistrationJob(scene, pair_nodes.fixed, pair_nodes.moving, start_process=third,
+                                 workdir=tmp_path / "w3").wait(timeout=30, interval=0.001)
+    np.testing.assert_allclose(sitk.ReadImage(third.inputs["moving"]).GetOrigin(), sent.GetOrigin(), atol=1e-6)
+    assert newer.transform is not result.transform and prealign.GetParentTransformNode() is newer.transform
+
+
+def test_a_non_linear_transform_on_the_moving_volume_is_refused_with_a_reason(scene, pair_nodes, tmp_path):
+    grid = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", "a warp")
+    image = sitk.Image([4, 4, 4], sitk.sitkVectorFloat64, 3)
+    glue.displacement_to_transform_node(image, scene, node=grid)
+    pair_nodes.moving.SetAndObserveTransformNodeID(grid.GetID())
+    with pytest.raises(InputError, match="non-linear transform 'a warp'; harden it"):
+        glue.RegistrationJob(scene, pair_nodes.fixed, pair_nodes.moving, start_process=FakeCommandLine(),
+                             workdir=tmp_path / "w").start()
