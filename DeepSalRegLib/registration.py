@@ -303,7 +303,8 @@ def register(
     from .optimise import JSM_ALPHA, Convergence, downsample, instance_optimise
     from .quality import preset
     from .saliency import joint_saliency_map
-    from .warp import compose, folding_fraction, jacobian_determinant, resize_field, warp
+    from .metrics import jacobian_statistics
+    from .warp import compose, jacobian_determinant, resize_field, warp
 
     def report(fraction, message):
         if progress is not None:
@@ -473,7 +474,7 @@ def register(
         if m_mask_t is not None:
             weight = weight * warp(m_mask_t, flow)[0, 0].cpu()
         weight = weight.numpy()
-        folding = folding_fraction(flow, tensor(inside_fixed))
+
     u = flow[0].cpu().numpy()
     d_work = geometry.voxel_field_to_physical(u, grid)
     # the field is computed on the working grid; a fixed image much larger than it gets the field on the
@@ -488,13 +489,13 @@ def register(
     jacobian = geometry.resample_onto(_on_grid(det, grid), field_grid, default=1.0)
     confidence = geometry.resample_onto(_on_grid(weight, grid), field_grid)
     w_norm = warped_t[0, 0].cpu().numpy()
-    log_det = np.log(np.clip(det[region], 1e-6, None))
+    folding = jacobian_statistics(det, inside_fixed)["folding_fraction"]
     metrics = dict(
         model=model_name, device=str(torch_device), dimension=nd, iterations=sum(refinement["steps"]),
         refinement=refinement,
         working_grid=dict(size=list(grid.GetSize()), spacing_mm=[round(s, 4) for s in grid.GetSpacing()]),
         ncc_before=_ncc(f_norm, m_norm, region), ncc_after=_ncc(f_norm, w_norm, region),
-        folding_fraction=folding, sd_log_jacobian=float(np.std(log_det)),
+        folding_fraction=folding, sd_log_jacobian=jacobian_statistics(det, region)["sd_log_jacobian"],
         max_displacement_mm=float(np.sqrt((d_work ** 2).sum(-1)).max()),
         network_kept=network_kept,
         affine=None if pre is None else dict(

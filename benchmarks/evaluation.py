@@ -22,10 +22,10 @@ import numpy as np
 import SimpleITK as sitk
 
 from DeepSalRegLib import io as dio
+from DeepSalRegLib.metrics import LOG_JACOBIAN_CLIP, dice_per_label, end_point_error, jacobian_statistics
 
-__all__ = ["evaluate", "dense_field", "jacobian", "dice"]
+__all__ = ["evaluate", "dense_field", "jacobian"]
 
-_CLIP = 1e-9  # log-Jacobian clipping (as Learn2Reg)
 
 
 def dense_field(transform: sitk.Transform, grid: sitk.Image) -> np.ndarray:
@@ -40,17 +40,6 @@ def jacobian(d: np.ndarray, grid: sitk.Image) -> np.ndarray:
     image = sitk.GetImageFromArray(d, isVector=True)
     image.CopyInformation(grid)
     return sitk.GetArrayFromImage(sitk.DisplacementFieldJacobianDeterminant(image))
-
-
-def dice(a: np.ndarray, b: np.ndarray, labels) -> dict:
-    """Dice per label present in either map (``{label: dice}``)."""
-    out = {}
-    for label in labels:
-        x, y = a == label, b == label
-        total = int(x.sum()) + int(y.sum())
-        if total:
-            out[int(label)] = 2.0 * int((x & y).sum()) / total
-    return out
 
 
 def _stats(values: np.ndarray, prefix: str) -> dict:
@@ -81,9 +70,8 @@ def evaluate(case: dict, transform_path, altered_mask: str | None = None, error_
     if case.get("eval_mask"):
         region = sitk.GetArrayFromImage(sitk.ReadImage(case["eval_mask"])) > 0
     det = jacobian(d, fixed)
-    log_det = np.log(np.clip(det, _CLIP, None))
-    out = dict(folding_fraction=float((det[region] <= 0).mean()), sd_log_jacobian=float(log_det[region].std()),
-               max_displacement=float(np.sqrt((d ** 2).sum(-1))[region].max()))
+    log_det = np.log(np.clip(det, LOG_JACOBIAN_CLIP, None))
+    out = dict(jacobian_statistics(det, region), max_displacement=float(np.sqrt((d ** 2).sum(-1))[region].max()))
 
     if case.get("fixed_landmarks"):
         f_pts, m_pts = _read_points(case["fixed_landmarks"]), _read_points(case["moving_landmarks"])
@@ -104,13 +92,13 @@ def evaluate(case: dict, transform_path, altered_mask: str | None = None, error_
         f_lab = sitk.ReadImage(case["fixed_labels"])
         m_lab = sitk.ReadImage(case["moving_labels"])
         warped = sitk.Resample(m_lab, f_lab, tx, sitk.sitkNearestNeighbor, 0, m_lab.GetPixelID())
-        per_label = dice(sitk.GetArrayFromImage(f_lab), sitk.GetArrayFromImage(warped), case["label_ids"])
+        per_label = dice_per_label(sitk.GetArrayFromImage(f_lab), sitk.GetArrayFromImage(warped), case["label_ids"])
         out.update(dice_mean=float(np.mean(list(per_label.values()))) if per_label else float("nan"),
                    n_labels=len(per_label))
 
     if case.get("true_field"):
         true = sitk.GetArrayFromImage(sitk.ReadImage(case["true_field"])).astype(np.float64)
-        epe = np.sqrt(((d - true) ** 2).sum(-1))
+        epe = end_point_error(d, true)
         out.update(_stats(epe[region], "epe"))
         if error_map:
             image = sitk.GetImageFromArray((epe * region).astype(np.float32))
@@ -124,10 +112,11 @@ def evaluate(case: dict, transform_path, altered_mask: str | None = None, error_
             margin = max(2, int(round(0.25 * np.sqrt(inside.sum() / np.pi))))
             near = sitk.GetArrayFromImage(sitk.BinaryDilate(altered, [margin] * fixed.GetDimension())) > 0
             outside = region & ~near
-            true_log_det = np.log(np.clip(jacobian(true, fixed), _CLIP, None))
+            true_log_det = np.log(np.clip(jacobian(true, fixed), LOG_JACOBIAN_CLIP, None))
             out.update(_stats(epe[outside], "epe_outside"))
             out.update(_stats(epe[inside & region], "epe_inside"))
-            out.update(folding_inside=float((det[inside] <= 0).mean()),
-                       sd_log_jacobian_inside=float(log_det[inside].std()),
+            inside_stats = jacobian_statistics(det, inside)
+            out.update(folding_inside=inside_stats["folding_fraction"],
+                       sd_log_jacobian_inside=inside_stats["sd_log_jacobian"],
                        log_jacobian_error_inside=float(np.abs(log_det - true_log_det)[inside].mean()))
     return out

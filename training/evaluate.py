@@ -44,6 +44,8 @@ import SimpleITK as sitk
 
 from DeepSalRegLib import io
 from DeepSalRegLib.errors import DeepSalRegError, InputError
+from DeepSalRegLib.metrics import dice_per_label as dice_per_label_arrays
+from DeepSalRegLib.metrics import end_point_error, jacobian_statistics
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data"
@@ -221,16 +223,9 @@ def dice_per_label(fixed_labels: sitk.Image, moving_labels: sitk.Image, transfor
         transform = sitk.Transform(fixed_labels.GetDimension(), sitk.sitkIdentity)
     warped = sitk.Resample(moving_labels, fixed_labels, transform, sitk.sitkNearestNeighbor, 0, moving_labels.GetPixelID())
     f = sitk.GetArrayViewFromImage(fixed_labels)
-    w = sitk.GetArrayViewFromImage(warped)
     if values is None:
         values = sorted(set(np.unique(f).tolist()) & set(np.unique(sitk.GetArrayViewFromImage(moving_labels)).tolist()) - {0})
-    out = {}
-    for v in values:
-        a, b = f == v, w == v
-        denom = int(a.sum()) + int(b.sum())
-        if denom:
-            out[int(v)] = 2.0 * int((a & b).sum()) / denom
-    return out
+    return dice_per_label_arrays(f, sitk.GetArrayViewFromImage(warped), values)
 
 
 def evaluate_case(case: Case, model: str, iterations: int, device: str, affine: bool = True) -> dict:
@@ -267,7 +262,7 @@ def evaluate_synthetic(dataset, count, model, iterations, device, outliers, max_
     from DeepSalRegLib import models
     from DeepSalRegLib.optimise import instance_optimise
     from DeepSalRegLib.registration import resolve_device
-    from DeepSalRegLib.warp import folding_fraction, jacobian_determinant
+    from DeepSalRegLib.warp import jacobian_determinant
     from training.datasets import Augmentation, FixedSampler, SyntheticPairs
     from training.synthetic import DeformationSettings, OutlierSettings
 
@@ -285,14 +280,15 @@ def evaluate_synthetic(dataset, count, model, iterations, device, outliers, max_
         if iterations:
             flow = instance_optimise(fixed, moving, flow, iterations)
         seconds = time.perf_counter() - t0
-        err = torch.sqrt(((flow - truth) ** 2).sum(1) + 1e-12)[0]
-        inside = sample["outlier"][0].to(dev) > 0.5
-        det = jacobian_determinant(flow)[0, 0]
+        channels_last = (lambda t: t[0].movedim(0, -1).cpu().numpy())  # (1, nd, *S) -> (*S, nd)
+        err = end_point_error(channels_last(flow), channels_last(truth))
+        inside = (sample["outlier"][0] > 0.5).cpu().numpy()
+        jac = jacobian_statistics(jacobian_determinant(flow)[0, 0].cpu().numpy())
         rows.append(dict(dataset=f"{Path(dataset).stem}-synthetic", case=str(tag[1]), model=model, iterations=iterations,
                          epe=float(err.mean()), epe_identity=float(torch.sqrt((truth ** 2).sum(1)).mean()),
                          epe_outlier=float(err[inside].mean()) if inside.any() else float("nan"),
-                         folding_percent=100.0 * folding_fraction(flow),
-                         sd_log_jacobian=float(torch.log(det.clamp_min(1e-6)).std()), seconds=seconds))
+                         folding_percent=100.0 * jac["folding_fraction"],
+                         sd_log_jacobian=jac["sd_log_jacobian"], seconds=seconds))
     return rows
 
 
