@@ -6,7 +6,7 @@ fixed image has at most ``registration.FIELD_ON_FIXED_GRID_UP_TO`` times the wor
 float64 displacement field with the transform's own copy and the saliency and Jacobian maps (larger fixed
 images get those on the working grid). Peak RSS measured on 3D uint8 pairs (2 CPU cores, session 6;
 ``register()`` + ``save()``): 200^3 1.85 GB and 300^3 3.38-3.53 GB (field on the fixed grid: ~1.1 GB +
-88 B per fixed voxel), 600^3 4.87 GB (field on the working grid: ~1.1 GB + 17.5 B per fixed voxel).
+88 B per fixed voxel), 600^3 4.91 GB (field on the working grid: ~1.1 GB + 17.6 B per fixed voxel).
 ``estimate_peak_bytes`` uses those numbers with a margin; ``check_memory`` refuses a pair that would not fit
 in the memory available now with one line instead of being killed half-way.
 """

@@ -7,7 +7,8 @@ itself, level by level, once its loss has stopped improving (``optimise.Converge
 (affine + network only).
 
 What each costs is measured in ``benchmarks/results`` (rows ``deepsalreg-fast``, ``deepsalreg-balanced``,
-``deepsalreg-accurate``); ``README.md`` and the Slicer panel's tooltip quote those numbers.
+``deepsalreg-accurate``; session 6 run); ``README.md``, the descriptions below and the Slicer panel's tooltip
+quote those numbers.
 
 This module imports nothing heavy: the Slicer panel reads the names and descriptions without torch.
 """
@@ -43,12 +44,14 @@ class QualityPreset:
 
 
 PRESETS = {
-    "fast": QualityPreset("fast", "short refinement (at most 15 steps per level): a few seconds per 3D pair",
-                          max_steps=15, tolerance=3e-3),
+    "fast": QualityPreset("fast", "short refinement (at most 15 steps per level): 5-8 s per 3D benchmark pair "
+                          "on 2 CPU cores", max_steps=15, tolerance=3e-3),
     "balanced": QualityPreset("balanced", "refinement until converged (at most 40 steps per level, 20 at full "
-                              "resolution): the default", max_steps=40, tolerance=1e-3, max_steps_finest=20),
+                              "resolution): the default; 7-11 s per 3D benchmark pair on 2 CPU cores",
+                              max_steps=40, tolerance=1e-3, max_steps_finest=20),
     "accurate": QualityPreset("accurate", "longer refinement with a tighter convergence test (at most 80 steps "
-                              "per level, 40 at full resolution) and the affine stage's full step budget",
+                              "per level, 40 at full resolution) and the affine stage's full step budget; 12-18 s per "
+                              "3D benchmark pair on 2 CPU cores, better on some pairs only",
                               max_steps=80, tolerance=3e-4, max_steps_finest=40, affine_tolerance=0.0),
 }
 

@@ -30,7 +30,7 @@ __all__ = ["METHODS", "available", "supports", "trained_model", "run_method", "s
 METHODS = {
     "identity": ("identity", "baseline"),
     "deepsalreg-net": ("DeepSalReg network only", "deepsalreg"),
-    "deepsalreg-affine-net": ("DeepSalReg affine + network (default)", "deepsalreg"),
+    "deepsalreg-affine-net": ("DeepSalReg affine + network (--iterations 0)", "deepsalreg"),
     "deepsalreg-io": ("DeepSalReg + instance optimisation", "deepsalreg"),
     "deepsalreg-io-nojsm": ("DeepSalReg + IO, no JSM (ablation)", "deepsalreg"),
     "deepsalreg-io-200": ("DeepSalReg + IO, 200 iterations", "deepsalreg"),
