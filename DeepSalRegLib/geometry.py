@@ -36,6 +36,7 @@ __all__ = [
     "normalise_intensity",
     "array_index_to_physical",
     "physical_to_array_index",
+    "voxel_affine_to_physical",
     "voxel_field_to_physical",
     "physical_field_to_voxel",
     "displacement_image",
@@ -339,6 +340,20 @@ def field_of_view(image: sitk.Image, grid: sitk.Image) -> np.ndarray:
 def _check_field_shape(shape: tuple[int, ...], expected: tuple[int, ...], what: str) -> None:
     if tuple(shape) != tuple(expected):
         raise InputError(f"{what} has shape {tuple(shape)} but the grid needs {tuple(expected)}.")
+
+
+def voxel_affine_to_physical(matrix: np.ndarray, translation: np.ndarray, grid: sitk.Image) -> dict:
+    """The affine ``x -> A (x - c) + c + t`` of ``affine.py`` (array-order voxels of ``grid``, ``c`` the grid
+    centre) as a physical map ``p -> A_p (p - c_p) + c_p + t_p`` in LPS mm (what ITK's ``AffineTransform``
+    with centre ``c_p`` holds): ``{"matrix": A_p, "translation_mm": t_p, "centre_mm": c_p}`` (lists, x-y-z).
+    """
+    nd = grid.GetDimension()
+    m = _matrix(grid)[:, ::-1]  # array-order voxel step -> physical offset (columns reversed)
+    a = np.asarray(matrix, dtype=float)
+    centre = np.array([(n - 1) / 2 for n in grid_shape(grid)])
+    centre_mm = np.asarray(grid.GetOrigin()) + m @ centre
+    return dict(matrix=(m @ a @ np.linalg.inv(m)).reshape(nd, nd).tolist(),
+                translation_mm=(m @ np.asarray(translation, dtype=float)).tolist(), centre_mm=centre_mm.tolist())
 
 
 def voxel_field_to_physical(u: np.ndarray, grid: sitk.Image) -> np.ndarray:

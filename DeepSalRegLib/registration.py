@@ -498,9 +498,10 @@ def register(
         folding_fraction=folding, sd_log_jacobian=jacobian_statistics(det, region)["sd_log_jacobian"],
         max_displacement_mm=float(np.sqrt((d_work ** 2).sum(-1)).max()),
         network_kept=network_kept,
+        # the affine stage's map in LPS mm: p -> matrix (p - centre_mm) + centre_mm + translation_mm
         affine=None if pre is None else dict(
-            accepted=pre.accepted, matrix=pre.matrix.cpu().tolist(),
-            translation_mm=(pre.translation.cpu().numpy() * grid.GetSpacing()[0]).tolist(),
+            accepted=pre.accepted, **geometry.voxel_affine_to_physical(pre.matrix.cpu().numpy(),
+                                                                       pre.translation.cpu().numpy(), grid),
             loss_start=round(pre.loss_start, 5), loss_end=round(pre.loss_end, 5)),
     )
     tre = mapped = None

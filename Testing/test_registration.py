@@ -269,3 +269,23 @@ def test_the_confidence_map_is_the_weight_the_refinement_used(tmp_path):
     assert values.tolist() == [1.0]
     result.save(tmp_path, report=False)
     assert sitk.ReadImage(str(tmp_path / "confidence.nrrd")).GetSize() == fixed.GetSize()
+
+
+@pytest.mark.parametrize("kind,spacing,crop", [
+    ("2d", [0.8, 1.2], None),
+    ("3d", [2.0, 2.0, 3.0], (slice(8, 56), slice(10, 70), slice(12, 52))),
+])
+def test_summary_gives_the_affine_stage_in_lps_millimetres(kind, spacing, crop):
+    """metrics["affine"] (summary.json) is the physical map p -> A (p - c) + c + t in LPS mm, not the
+    working grid's array-order voxels: with only the affine stage it reproduces the written transform."""
+    fixed, moving, true = _known_affine_pair(kind, spacing, crop)
+    result = DeepSalRegLib.register(fixed, moving, model="none", iterations=0)
+    a = result.metrics["affine"]
+    assert a["accepted"]
+    points = _tissue_points(fixed)
+    matrix, centre, shift = (np.asarray(a[k]) for k in ("matrix", "centre_mm", "translation_mm"))
+    from_summary = (points - centre) @ matrix.T + centre + shift
+    written = io.transform_points(result.transform, points)
+    assert np.abs(from_summary - written).max() < 0.05 * min(spacing)
+    # ... and it is the true affine up to the registration's error
+    np.testing.assert_allclose(matrix, np.asarray(true.GetMatrix()).reshape(len(spacing), -1), atol=0.03)
