@@ -165,30 +165,6 @@ def cmd_warp(args):
     return EXIT_OK
 
 
-BATCH_COLUMNS = ("fixed", "moving", "fixed_landmarks", "moving_landmarks", "fixed_mask", "moving_mask", "name")
-
-
-def _read_pairs(path: Path):
-    if not path.is_file():
-        raise InputError(f"pairs file not found: {path}")
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or not {"fixed", "moving"} <= set(rows[0]):
-        raise InputError(f"{path} needs a header with at least the columns fixed,moving (optional: "
-                         f"{', '.join(BATCH_COLUMNS[2:])})")
-    pairs = []
-    for i, row in enumerate(rows):
-        entry = {}
-        for key in BATCH_COLUMNS:
-            value = (row.get(key) or "").strip()
-            if value and key != "name" and not Path(value).is_absolute():
-                value = str(path.parent / value)
-            entry[key] = value or None
-        entry["name"] = entry["name"] or f"pair{i:03d}_{Path(entry['moving'] or 'x').name.split('.')[0]}"
-        pairs.append(entry)
-    return pairs
-
-
 BATCH_SUMMARY_COLUMNS = ["name", "status", "fixed", "moving", "ncc_before", "ncc_after", "tre_before_mm",
                          "tre_after_mm", "folding_percent", "time_s", "error"]
 
@@ -210,7 +186,9 @@ def cmd_batch(args):
 
     from . import io
 
-    pairs = _read_pairs(Path(args.pairs))
+    from .pairs import read_pairs
+
+    pairs = read_pairs(args.pairs)
     outdir = io.check_output_folder(args.output)
     summary_path = io.check_output_path(outdir / "summary.csv", [args.pairs])
     summary = []

@@ -830,3 +830,40 @@ def test_a_non_linear_transform_on_the_moving_volume_is_refused_with_a_reason(sc
     with pytest.raises(InputError, match="non-linear transform 'a warp'; harden it"):
         glue.RegistrationJob(scene, pair_nodes.fixed, pair_nodes.moving, start_process=FakeCommandLine(),
                              workdir=tmp_path / "w").start()
+
+
+def test_both_batch_faces_read_the_same_pair_list_with_masks(scene, tmp_path, capsys):
+    """One reader (DeepSalRegLib.pairs) behind `deepsalreg batch` and the Slicer batch script: the mask
+    columns reach the registration in both."""
+    from DeepSalRegLib import cli
+
+    batch = _load_batch_script()
+    fixed_image, moving_image = phantom_pair()
+    sitk.WriteImage(fixed_image, str(tmp_path / "fixed.nrrd"))
+    sitk.WriteImage(moving_image, str(tmp_path / "moving.nrrd"))
+    mask = sitk.Cast(fixed_image > float(np.median(sitk.GetArrayFromImage(fixed_image))), sitk.sitkUInt8)
+    sitk.WriteImage(mask, str(tmp_path / "mask.nrrd"))
+    (tmp_path / "pairs.csv").write_text("fixed,moving,fixed_mask\nfixed.nrrd,moving.nrrd,mask.nrrd\n")
+    seen = []
+
+    def register(fixed, moving, **kwargs):
+        seen.append(kwargs)
+        return known_result(fixed, moving)
+
+    assert batch.main([str(tmp_path / "pairs.csv"), str(tmp_path / "slicer_out")], scene=scene, register=register) == 0
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(seen[0]["fixed_mask"]), sitk.GetArrayFromImage(mask))
+    assert (tmp_path / "slicer_out" / "001_moving" / "transform.h5").is_file()
+    assert scene.GetNumberOfNodesByClass("vtkMRMLLabelMapVolumeNode") == 0  # cleaned up with the pair
+    calls = []
+    real = cli._register_one
+
+    def spy(args, fixed, moving, outdir, fixed_landmarks=None, moving_landmarks=None, fixed_mask=None, *rest, **kw):
+        calls.append(dict(fixed_mask=fixed_mask, name=Path(outdir).name))
+        return real(args, fixed, moving, outdir, fixed_landmarks, moving_landmarks, fixed_mask, *rest, **kw)
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(cli, "_register_one", spy):
+        code = cli.main(["batch", str(tmp_path / "pairs.csv"), "-o", str(tmp_path / "cli_out"), "--model", "none",
+                         "--iterations", "2", "-q", "--no-report"])
+    assert code == 0 and calls == [dict(fixed_mask=str(tmp_path / "mask.nrrd"), name="001_moving")]

@@ -7,8 +7,10 @@ Usage::
            [--no-affine] [--report]
 
 ``pairs.csv`` has a header row with the columns ``fixed`` and ``moving`` and, optionally,
-``fixed_landmarks``, ``moving_landmarks`` (CSV/.fcsv/.mrk.json, corresponding row by row) and ``name``.
-Relative paths are relative to the folder of ``pairs.csv`` (the format of ``deepsalreg batch``).
+``fixed_landmarks``, ``moving_landmarks`` (CSV/.fcsv/.mrk.json, corresponding row by row), ``fixed_mask``,
+``moving_mask`` (label maps: the alignment is measured only where they are nonzero) and ``name``. Relative
+paths are relative to the folder of ``pairs.csv``: the format and reader of ``deepsalreg batch``
+(``DeepSalRegLib/pairs.py``).
 
 Each pair is loaded into the scene (volumes with their geometry, landmarks as point lists), registered in
 this process with the library, and its results are saved by the library into ``outdir/<name>/``:
@@ -76,23 +78,12 @@ def parse_arguments(argv):
 
 
 def read_pairs(path: Path) -> list:
-    """Rows of the pair list with absolute paths and a unique ``name`` each."""
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        rows = list(csv.DictReader(handle))
-    if not rows or not {"fixed", "moving"} <= {key.strip() for key in rows[0]}:
-        raise ValueError(f"{path} needs a header row with the columns fixed and moving")
-    pairs, names = [], set()
-    for index, row in enumerate(rows, start=1):
-        row = {key.strip(): (value or "").strip() for key, value in row.items() if key}
-        pair = {key: (str((path.parent / row[key]).resolve()) if row.get(key) else None)
-                for key in ("fixed", "moving", "fixed_landmarks", "moving_landmarks")}
-        name = row.get("name") or f"{index:03d}_{Path(row['moving'] or 'pair').name.split('.')[0]}"
-        while name in names:
-            name += "_"
-        names.add(name)
-        pair["name"] = name
-        pairs.append(pair)
-    return pairs
+    """Rows of the pair list with absolute paths and a unique ``name`` each (``DeepSalRegLib.pairs``, the reader
+    ``deepsalreg batch`` uses too)."""
+    library()
+    from DeepSalRegLib.pairs import read_pairs as read
+
+    return read(path)
 
 
 def _remove_nodes(scene, nodes) -> None:
@@ -113,7 +104,7 @@ def register_pair(scene, pair: dict, output: Path, options, register=None, log=p
     ``report``: also write ``report.png`` (matplotlib); off by default because Slicer does not bundle it.
     """
     glue = library()
-    from DeepSalRegLib.io import read_image, read_landmarks
+    from DeepSalRegLib.io import read_image, read_label_image, read_landmarks
 
     row = {"name": pair["name"], "fixed": pair["fixed"], "moving": pair["moving"], "output": str(output)}
     created = []
@@ -136,8 +127,16 @@ def register_pair(scene, pair: dict, output: Path, options, register=None, log=p
         def progress(fraction, message):
             log(f"[{pair['name']}] {100 * fraction:3.0f}% {message}")
 
+        masks = {}
+        for key in ("fixed_mask", "moving_mask"):
+            if pair.get(key):
+                label_map = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", f"{pair['name']} {key}")
+                masks[key] = glue.image_to_volume_node(read_label_image(pair[key], key.replace("_", " ")), scene,
+                                                       f"{pair['name']} {key}", node=label_map)
+                created.append(masks[key])
         result = glue.register_nodes(scene, fixed, moving, options, fixed_landmarks=fixed_markups,
-                                     moving_landmarks=moving_markups, register=register, progress=progress, show=False)
+                                     moving_landmarks=moving_markups, register=register, progress=progress, show=False,
+                                     **masks)
         created += [result.transform, result.warped, result.saliency, result.jacobian, result.confidence, result.tre_table]
         result.outputs.result.save(output, report=report)
         row["status"] = "ok"
@@ -173,12 +172,14 @@ def main(argv=None, scene=None, register=None) -> int:
     args = parse_arguments(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see DeepSalRegLib.cli.main (busy machines)
     glue = library()
+    from DeepSalRegLib.errors import DeepSalRegError
+
     try:
         pairs = read_pairs(args.pairs)
         options = glue.RegistrationOptions(model=args.model, device=args.device, quality=args.quality,
                                            iterations=args.iterations, affine=args.affine,
                                            time_budget=args.time_budget)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, DeepSalRegError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if args.report:
