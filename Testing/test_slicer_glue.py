@@ -19,6 +19,7 @@ if not hasattr(slicer, "vtkMRMLScene"):
 import vtk  # noqa: E402  (comes with slicer-core)
 
 from DeepSalRegLib import io, slicer_glue as glue  # noqa: E402
+from DeepSalRegLib.errors import InputError  # noqa: E402
 
 FLIP = np.array([-1.0, -1.0, 1.0])
 
@@ -191,12 +192,12 @@ def test_2d_image_is_one_slice_at_the_requested_height(scene):
 def test_oblique_single_slice_is_not_taken_for_a_2d_image(scene):
     image = oblique_image(size=(8, 6, 1))
     assert glue.volume_node_to_image(glue.image_to_volume_node(image, scene)).GetDimension() == 3
-    with pytest.raises(glue.InputError):
+    with pytest.raises(InputError):
         glue.volume_node_to_image(glue.image_to_volume_node(image, scene), dimension=2)
 
 
 def test_empty_volume_is_an_input_error(scene):
-    with pytest.raises(glue.InputError, match="no image data"):
+    with pytest.raises(InputError, match="no image data"):
         glue.volume_node_to_image(scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty"))
 
 
@@ -353,7 +354,7 @@ def test_tre_table_lists_each_point_and_the_mean(scene):
     assert float(table.GetCellText(3, 1)) == pytest.approx(7.0)
     assert float(table.GetCellText(3, 2)) == pytest.approx(1.5)
     assert float(table.GetCellText(1, 2)) == pytest.approx(0.5)
-    with pytest.raises(glue.InputError):
+    with pytest.raises(InputError):
         glue.tre_to_table(scene, [1.0, 2.0], [1.0])
 
 
