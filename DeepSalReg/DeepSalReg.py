@@ -73,9 +73,11 @@ class DeepSalReg(ScriptedLoadableModule):
             "Pick a fixed and a moving volume and press Apply: an affine pre-alignment, the networks and a "
             "test-time refinement that stops when converged (Quality: fast, balanced, accurate) compute a "
             "deformable transform, applied "
-            "to the moving volume, shown as a grid in the slice views, with the joint saliency as a colour "
-            "overlay, the Jacobian determinant and, when landmarks are given, a table of target registration "
-            "errors. The registration runs in a separate process and can be cancelled. "
+            "to the moving volume (on top of a linear pre-alignment it already has), shown as a grid in the "
+            "slice views, with the alignment confidence as a colour overlay (dark: not driven by the images, "
+            "e.g. structure in one image only), the Jacobian determinant and, when landmarks are given, a table "
+            "of target registration errors. Optional fixed/moving masks leave regions out of the alignment. "
+            "The registration runs in a separate process and can be cancelled. "
             'See the <a href="https://github.com/deepsalreg/SlicerDeepSalReg#3d-slicer">documentation</a> '
             "for console and batch use."
         )
