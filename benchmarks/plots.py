@@ -59,8 +59,11 @@ def accuracy_vs_time(rows: list[dict], path: Path) -> Path | None:
     for ax in axes.flat:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(lab, h)
-    fig.legend(list(handles.values()), list(handles.keys()), loc="lower center", ncol=3, fontsize=8)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    columns = 4
+    legend_rows = -(-len(handles) // columns)
+    fig.legend(list(handles.values()), list(handles.keys()), loc="lower center", ncol=columns, fontsize=8)
+    # room below the panels for the legend (about 0.2 inch per legend row), so it never covers an axis label
+    fig.tight_layout(rect=(0, min(0.3, (0.25 + 0.2 * legend_rows) / fig.get_figheight()), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
