@@ -22,7 +22,6 @@ view, outside a mask) does not count.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -196,14 +195,13 @@ def affine_align(
         inputs = coarse if index == 0 else finest if index == len(levels) - 1 else level_inputs(factor)
         optimiser = Adam([linear, shift], lr=learning_rate, steps=steps, final_fraction=0.1)
         losses = []
-        rule = None if convergence is None else dataclasses.replace(convergence, max_steps=steps)
         for step in range(steps):
             loss, _ = loss_at(*inputs, linear, shift)
             loss.backward()
             optimiser.step()
             done += 1
             losses.append(float(loss.detach()))
-            if rule is not None and rule.stop(losses, None):
+            if convergence is not None and convergence.stop(losses, None, steps):
                 break
             if progress is not None and (step % 10 == 0 or step == steps - 1):
                 progress(done / max(iterations, 1), f"affine pre-alignment (1/{factor} resolution) step {done}")

@@ -7,7 +7,6 @@ pairs; 130 interrupted. A user error is one line on stderr, never a traceback.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
 import time
@@ -170,11 +169,11 @@ BATCH_SUMMARY_COLUMNS = ["name", "status", "fixed", "moving", "ncc_before", "ncc
 
 
 def _write_batch_summary(path: Path, rows) -> None:
+    from . import io
+
     lines = [",".join(BATCH_SUMMARY_COLUMNS)]
     for row in rows:
         lines.append(",".join('"' + str(row.get(c, "")).replace('"', "'") + '"' for c in BATCH_SUMMARY_COLUMNS))
-    from . import io
-
     io._write_atomically(path, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"), "summary")
 
 
@@ -185,10 +184,9 @@ def cmd_batch(args):
     import traceback
 
     from . import io
-
     from .pairs import read_pairs
 
-    pairs = read_pairs(args.pairs)
+    pairs = read_pairs(args.pairs)  # at least one pair, or InputError
     outdir = io.check_output_folder(args.output)
     summary_path = io.check_output_path(outdir / "summary.csv", [args.pairs])
     summary = []
@@ -219,8 +217,6 @@ def cmd_batch(args):
             print(f"{label}: FAILED with an internal error, skipped:", file=sys.stderr)
             traceback.print_exc()
         summary.append(row)
-        _write_batch_summary(summary_path, summary)
-    if not pairs:
         _write_batch_summary(summary_path, summary)
     print(f"{len(pairs) - failed} of {len(pairs)} pairs registered; summary in {summary_path}")
     return EXIT_BATCH_FAILURES if failed else EXIT_OK

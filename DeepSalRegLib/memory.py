@@ -2,7 +2,7 @@
 
 Besides the working-grid tensors (bounded by the working-grid voxel budget, ~1.1 GB in 3D), a registration
 holds full-resolution images on the FIXED grid: the inputs as float32, the warped image and, while the
-fixed image has at most ``registration.FIELD_ON_FIXED_GRID_UP_TO`` times the working grid's voxels, the
+fixed image has at most ``FIELD_ON_FIXED_GRID_UP_TO`` times the working grid's voxels, the
 float64 displacement field with the transform's own copy and the saliency and Jacobian maps (larger fixed
 images get those on the working grid). Peak RSS measured on 3D uint8 pairs (2 CPU cores, session 6;
 ``register()`` + ``save()``): 200^3 1.85 GB and 300^3 3.38-3.53 GB (field on the fixed grid: ~1.1 GB +
@@ -18,7 +18,11 @@ from pathlib import Path
 
 from .errors import MemoryLimitError
 
-__all__ = ["estimate_peak_bytes", "available_bytes", "check_memory"]
+__all__ = ["FIELD_ON_FIXED_GRID_UP_TO", "estimate_peak_bytes", "available_bytes", "check_memory"]
+
+#: ``register()`` writes the field (and its maps) on the fixed image's grid unless that has more than this many
+#: times the working grid's voxels; then on the working grid, where it was computed: the rule that bounds memory
+FIELD_ON_FIXED_GRID_UP_TO = 8
 
 _BASE = {2: 0.6e9, 3: 1.2e9}  # torch, the network and the working-grid tensors (working grid at its budget)
 _PER_FIXED_VOXEL = 95.0  # bytes: float64 field + its transform copy, warped, saliency, Jacobian, temporaries
@@ -29,8 +33,6 @@ _PER_MOVING_VOXEL = 6.0  # bytes: the float32 image as read, temporaries
 def estimate_peak_bytes(fixed_size, moving_size, working_voxels: int | None = None) -> float:
     """Estimated peak memory (bytes) of ``register()`` + ``save()`` for images of these sizes (voxels per
     axis) and a working grid of ``working_voxels`` voxels (None: as many as the fixed image)."""
-    from .registration import FIELD_ON_FIXED_GRID_UP_TO
-
     nd = len(fixed_size)
     n_fixed = math.prod(fixed_size)
     working = n_fixed if working_voxels is None else working_voxels

@@ -32,9 +32,6 @@ __all__ = ["register", "RegistrationResult", "resolve_device", "DEFAULT_MAX_VOXE
 
 #: Working-grid voxel budget per dimension (larger inputs are resampled more coarsely, with a warning).
 DEFAULT_MAX_VOXELS = {2: 1024 * 1024, 3: 160 * 160 * 160}
-#: The written field lives on the fixed image's grid unless that has more than this many times the working
-#: grid's voxels; then on the working grid (where it was computed).
-FIELD_ON_FIXED_GRID_UP_TO = 8
 #: Least fraction of the fixed image that the moving image must cover in physical space (else: InputError).
 MIN_OVERLAP = 0.01
 
@@ -64,7 +61,7 @@ class RegistrationResult:
     Attributes:
         fixed, moving: the input images as read (scalar float32).
         displacement: vector image (float64, LPS mm) on the fixed grid (on the working grid for a fixed image
-            of more than ``FIELD_ON_FIXED_GRID_UP_TO`` times its voxels); fixed point ``p`` -> ``p + d(p)``.
+            of more than ``memory.FIELD_ON_FIXED_GRID_UP_TO`` times its voxels); fixed point ``p`` -> ``p + d(p)``.
         transform: ``sitk.DisplacementFieldTransform`` of that field (fixed -> moving).
         warped: the moving image resampled onto the fixed grid through ``transform``.
         saliency: joint saliency map of fixed and warped (0..1), on the grid of ``displacement``.
@@ -298,12 +295,12 @@ def register(
 
     from . import models
     from .affine import affine_align
-    from .losses import lncc_similarity
-    from .losses import jsm_weight
+    from .losses import jsm_weight, lncc_similarity
+    from .memory import FIELD_ON_FIXED_GRID_UP_TO, check_memory
+    from .metrics import jacobian_statistics
     from .optimise import JSM_ALPHA, Convergence, downsample, instance_optimise
     from .quality import preset
     from .saliency import joint_saliency_map
-    from .metrics import jacobian_statistics
     from .warp import compose, jacobian_determinant, resize_field, warp
 
     def report(fraction, message):
@@ -365,8 +362,6 @@ def register(
     grid = geometry.make_working_grid(fixed_img, multiple=multiple, max_voxels=budget, spacing=spacing)
     natural = geometry.make_working_grid(fixed_img, multiple=multiple, spacing=spacing)
     if memory_check:  # before any full-resolution work
-        from .memory import check_memory
-
         check_memory(fixed_img.GetSize(), moving_img.GetSize(), _voxels(grid))
     if grid.GetSpacing()[0] > natural.GetSpacing()[0] * 1.001:
         warnings.warn(f"the fixed image is large: registering on a {grid.GetSpacing()[0]:.2f} mm grid "
@@ -474,7 +469,6 @@ def register(
         if m_mask_t is not None:
             weight = weight * warp(m_mask_t, flow)[0, 0].cpu()
         weight = weight.numpy()
-
     u = flow[0].cpu().numpy()
     d_work = geometry.voxel_field_to_physical(u, grid)
     # the field is computed on the working grid; a fixed image much larger than it gets the field on the

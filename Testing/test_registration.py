@@ -233,7 +233,7 @@ def test_a_fixed_image_much_larger_than_the_working_grid_gets_the_field_on_the_w
     """Memory: a float64 field on a 600^3 fixed grid alone is 5.2 GB; the field was computed on the working
     grid, so there it stays (and the saliency and Jacobian maps with it) when the fixed image has more than
     FIELD_ON_FIXED_GRID_UP_TO times its voxels. The written transform still maps fixed to moving points."""
-    from DeepSalRegLib.registration import FIELD_ON_FIXED_GRID_UP_TO
+    from DeepSalRegLib.memory import FIELD_ON_FIXED_GRID_UP_TO
 
     moving = io.read_image(str(SAMPLE_PAIRS["2d"][0]))
     shift = sitk.TranslationTransform(2, (3.0, -2.0))

@@ -121,52 +121,47 @@ def targets(rows, summary, scaling_rows, models) -> list[dict]:
     def agg(dataset):
         return {e["method"]: e for e in aggregate(rows, dataset) if e["ok"]}
 
+    accuracy_keys = (("liver", "tre_mean", True), ("brain", "dice_mean", False), ("prostate", "dice_mean", False),
+                     ("hands", "tre_mean", True), ("anhir", "rtre_median", True), ("drive", "epe_mean", True))
+
+    def versus_peers(method, peer_methods):
+        """``(dataset, key, ours, best, best peer, met)`` per dataset where ``method`` and a peer ran."""
+        for dataset, key, lower in accuracy_keys:
+            a = agg(dataset)
+            ours = a.get(method, {}).get(key)
+            peers = {m: a[m][key] for m in peer_methods if m in a and a[m].get(key) is not None}
+            if ours is None or not peers:
+                continue
+            best_method = (min if lower else max)(peers, key=peers.get)
+            best = peers[best_method]
+            yield dataset, key, ours, best, best_method, (ours <= best if lower else ours >= best)
+
+    def worst_folding(method):
+        folding = [r["metrics"]["folding_fraction"] for r in rows
+                   if r.get("ok") and r["method"] == method and r["dataset"] != "missing"]
+        return f"; folding max {max(folding) * 100:.3f} %" if folding else ""
+
     # the default (quality balanced) against the best peer, and its time per 3D pair against ANTs SyN
-    peers_all = ("ants-syn", "elastix-bspline", "convexadam")
-    checks, times = [], []
-    for dataset, key, lower in (("liver", "tre_mean", True), ("brain", "dice_mean", False),
-                                ("prostate", "dice_mean", False), ("hands", "tre_mean", True),
-                                ("anhir", "rtre_median", True), ("drive", "epe_mean", True)):
-        a = agg(dataset)
-        ours = a.get("deepsalreg-balanced", {}).get(key)
-        peers = {m: a[m][key] for m in peers_all if m in a and a[m].get(key) is not None}
-        if ours is None or not peers:
-            continue
-        best_method = (min if lower else max)(peers, key=peers.get)
-        best = peers[best_method]
-        ok = ours <= best if lower else ours >= best
-        checks.append(f"{dataset} {key}: {ours:.4g} vs best peer {best:.4g} ({best_method}; {'met' if ok else 'not met'})")
-        if dataset in ("liver", "brain", "prostate") and "ants-syn" in a:
-            ratio = a["deepsalreg-balanced"]["wall_s"] / a["ants-syn"]["wall_s"]
-            times.append(f"{dataset} {a['deepsalreg-balanced']['wall_s']:.1f} s vs {a['ants-syn']['wall_s']:.1f} s "
-                         f"({ratio:.2f}x; {'met' if ratio <= 1 else 'not met'})")
-    folding = [r["metrics"]["folding_fraction"] for r in rows
-               if r.get("ok") and r["method"] == "deepsalreg-balanced" and r["dataset"] != "missing"]
+    checks = [f"{d} {k}: {ours:.4g} vs best peer {best:.4g} ({m}; {'met' if ok else 'not met'})"
+              for d, k, ours, best, m, ok in versus_peers("deepsalreg-balanced", ("ants-syn", "elastix-bspline", "convexadam"))]
     if checks:
         out.append(dict(target="Default (quality balanced) >= best of ANTs SyN, elastix, ConvexAdam per dataset; "
-                               "folding < 0.1 %",
-                        status="; ".join(checks) + (f"; folding max {max(folding) * 100:.3f} %" if folding else "")))
+                               "folding < 0.1 %", status="; ".join(checks) + worst_folding("deepsalreg-balanced")))
+    times = []
+    for dataset in ("liver", "brain", "prostate"):
+        a = agg(dataset)
+        if "deepsalreg-balanced" in a and "ants-syn" in a:
+            ours, ants = a["deepsalreg-balanced"]["wall_s"], a["ants-syn"]["wall_s"]
+            times.append(f"{dataset} {ours:.1f} s vs {ants:.1f} s ({ours / ants:.2f}x; {'met' if ours <= ants else 'not met'})")
     if times:
         out.append(dict(target="Default wall time per 3D pair <= ANTs SyN's (same run)", status="; ".join(times)))
     # accuracy of DeepSalReg + IO vs the peers
     for method in ("deepsalreg-io", "deepsalreg-io-200"):
-        checks = []
-        for dataset, key, lower in (("liver", "tre_mean", True), ("brain", "dice_mean", False),
-                                    ("prostate", "dice_mean", False), ("hands", "tre_mean", True),
-                                    ("anhir", "rtre_median", True), ("drive", "epe_mean", True)):
-            a = agg(dataset)
-            ours = a.get(method, {}).get(key)
-            peers = {m: a[m].get(key) for m in ("ants-syn", "elastix-bspline") if m in a and a[m].get(key) is not None}
-            if ours is None or not peers:
-                continue
-            best = min(peers.values()) if lower else max(peers.values())
-            ok = ours <= best if lower else ours >= best
-            checks.append(f"{dataset} {key}: {ours:.3f} vs best peer {best:.3f} ({'met' if ok else 'not met'})")
-        folding = [r["metrics"]["folding_fraction"] for r in rows
-                   if r.get("ok") and r["method"] == method and r["dataset"] != "missing"]
+        checks = [f"{d} {k}: {ours:.3f} vs best peer {best:.3f} ({'met' if ok else 'not met'})"
+                  for d, k, ours, best, _, ok in versus_peers(method, ("ants-syn", "elastix-bspline"))]
         if checks:
             out.append(dict(target=f"IO accuracy >= ANTs SyN and elastix; folding < 0.1 % ({METHODS[method][0]})",
-                            status="; ".join(checks) + (f"; folding max {max(folding) * 100:.3f} %" if folding else "")))
+                            status="; ".join(checks) + worst_folding(method)))
     # network-only speed and usefulness
     net_3d = [r for r in rows if r.get("ok") and r["method"] == "deepsalreg-net" and r["dim"] == 3]
     ants_3d = [r for r in rows if r.get("ok") and r["method"] == "ants-syn" and r["dim"] == 3]

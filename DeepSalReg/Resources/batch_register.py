@@ -28,6 +28,7 @@ its own MRML scene.
 """
 import argparse
 import csv
+import importlib.util
 import os
 import sys
 import time
@@ -183,15 +184,11 @@ def main(argv=None, scene=None, register=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if args.report:
-        import importlib.util
-
         if importlib.util.find_spec("matplotlib") is None:
             print("error: --report needs matplotlib, which this Python does not have (in Slicer: "
                   "slicer.util.pip_install('matplotlib')); run without --report.", file=sys.stderr)
             return 2
     if register is None:
-        import importlib.util
-
         if importlib.util.find_spec("torch") is None:
             print("error: PyTorch is not installed in this Python. In Slicer, install the PyTorch extension (or press "
                   "Apply once in the DeepSalReg module, which offers to install it).", file=sys.stderr)
