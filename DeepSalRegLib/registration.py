@@ -1,12 +1,15 @@
 """``register()``: one call from two images (files or SimpleITK images) to standard, physical results.
 
-Pipeline (each step's time is recorded in ``RegistrationResult.timings``)::
+Pipeline (``stages.py``; each step's time is recorded in ``RegistrationResult.timings``)::
 
-    read -> working grid (fixed extent, near-isotropic, multiple of the network's stride)
-         -> resample both onto it, normalise intensities -> [affine pre-alignment]
-         -> network (coarse field, JSM, refined field) on the pre-aligned pair, kept if it lowers the LNCC
-         -> [instance optimisation] -> physical displacement field on the FIXED image grid
-         -> ITK DisplacementFieldTransform (fixed -> moving, LPS mm) -> warped moving, saliency, Jacobian
+    read, check inputs, load the model
+    -> prepare: working grid (fixed extent, near-isotropic, multiple of the network's stride), memory and
+       overlap checks, both images resampled onto it and normalised (a ``stages.WorkingPair``)
+    -> affine: [affine pre-alignment]
+    -> network: coarse field, JSM, refined field on the pre-aligned pair, kept if it lowers the LNCC
+    -> refine: [instance optimisation, stopping by itself per pyramid level]
+    -> export: physical displacement field on the FIXED image grid, ITK DisplacementFieldTransform
+       (fixed -> moving, LPS mm), warped moving, saliency, Jacobian, confidence
 
 The transform maps FIXED physical points to MOVING physical points (ITK's resampling convention, Slicer's
 "from parent"): ``sitk.Resample(moving, fixed, result.transform)`` reproduces ``result.warped``, and a fixed
@@ -32,8 +35,6 @@ __all__ = ["register", "RegistrationResult", "resolve_device", "DEFAULT_MAX_VOXE
 
 #: Working-grid voxel budget per dimension (larger inputs are resampled more coarsely, with a warning).
 DEFAULT_MAX_VOXELS = {2: 1024 * 1024, 3: 160 * 160 * 160}
-#: Least fraction of the fixed image that the moving image must cover in physical space (else: InputError).
-MIN_OVERLAP = 0.01
 
 ProgressCallback = Callable[[float, str], None]
 
@@ -213,26 +214,21 @@ def _write_text(path: Path, text: str) -> Path:
 
 
 def _ncc(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """Normalised cross-correlation of two arrays inside ``mask`` (float32 values, float64 sums: no float64
+    copy of a large fixed grid)."""
     if mask is not None:
         a, b = a[mask], b[mask]
-    a = a.astype(np.float64).ravel() - a.mean()
-    b = b.astype(np.float64).ravel() - b.mean()
-    denom = np.linalg.norm(a) * np.linalg.norm(b)
-    return float(a @ b / denom) if denom > 0 else 0.0
+    a = a.astype(np.float32).ravel()
+    b = b.astype(np.float32).ravel()
+    a -= np.float32(a.mean(dtype=np.float64))
+    b -= np.float32(b.mean(dtype=np.float64))
+    aa, bb = float(np.square(a).sum(dtype=np.float64)), float(np.square(b).sum(dtype=np.float64))
+    ab = float(np.multiply(a, b).sum(dtype=np.float64))
+    return ab / np.sqrt(aa * bb) if aa > 0 and bb > 0 else 0.0
 
 
 def _voxels(image: sitk.Image) -> int:
     return int(np.prod(image.GetSize()))
-
-
-def _rounded(values) -> list:
-    return [round(float(v), 1) for v in values]
-
-
-def _on_grid(array: np.ndarray, grid: sitk.Image) -> sitk.Image:
-    image = sitk.GetImageFromArray(np.asarray(array, dtype=np.float32))
-    image.CopyInformation(grid)
-    return image
 
 
 def _landmarks(source, name):
@@ -293,15 +289,10 @@ def register(
     """
     import torch
 
-    from . import models
-    from .affine import affine_align
-    from .losses import jsm_weight, lncc_similarity
-    from .memory import FIELD_ON_FIXED_GRID_UP_TO, check_memory
+    from . import models, stages
+    from .memory import FIELD_ON_FIXED_GRID_UP_TO
     from .metrics import jacobian_statistics
-    from .optimise import JSM_ALPHA, Convergence, downsample, instance_optimise
     from .quality import preset
-    from .saliency import joint_saliency_map
-    from .warp import compose, jacobian_determinant, resize_field, warp
 
     def report(fraction, message):
         if progress is not None:
@@ -357,140 +348,59 @@ def register(
             multiple = net.multiple
     lap("model")
 
+    # stage 1: prepare (working grid, memory and overlap checks, resampling, normalisation)
     report(0.06, "resampling onto the working grid")
-    budget = max_voxels or DEFAULT_MAX_VOXELS[nd]
-    grid = geometry.make_working_grid(fixed_img, multiple=multiple, max_voxels=budget, spacing=spacing)
-    natural = geometry.make_working_grid(fixed_img, multiple=multiple, spacing=spacing)
-    if memory_check:  # before any full-resolution work
-        check_memory(fixed_img.GetSize(), moving_img.GetSize(), _voxels(grid))
-    if grid.GetSpacing()[0] > natural.GetSpacing()[0] * 1.001:
-        warnings.warn(f"the fixed image is large: registering on a {grid.GetSpacing()[0]:.2f} mm grid "
-                      f"({'x'.join(map(str, grid.GetSize()))}) instead of {natural.GetSpacing()[0]:.2f} mm to stay "
-                      f"within {budget} voxels; raise max_voxels for more detail")
-    f_arr = sitk.GetArrayFromImage(geometry.resample_onto(fixed_img, grid))
-    m_arr = sitk.GetArrayFromImage(geometry.resample_onto(moving_img, grid))
-    inside_fixed = geometry.field_of_view(fixed_img, grid)
-    inside_moving = geometry.field_of_view(moving_img, grid)
-    shared = (inside_fixed & inside_moving).sum() / max(int(inside_fixed.sum()), 1)
-    if shared < MIN_OVERLAP:
-        raise InputError(
-            f"The fixed and moving images {'do not overlap' if shared == 0 else 'hardly overlap'} in physical space "
-            f"({100 * shared:.2g} % of the fixed image is inside the moving image): check their origins and "
-            f"directions (fixed origin {_rounded(fixed_img.GetOrigin())}, moving origin "
-            f"{_rounded(moving_img.GetOrigin())} mm, LPS), or place them roughly first (e.g. Slicer's Transforms).")
-    # the similarity counts only where both images have data (and inside the user's masks): the working
-    # grid's padding and the part of the grid the moving image does not cover are zeros, whose edges a
-    # local NCC would otherwise align (ANHIR stain pairs of different sizes failed so)
-    f_mask, m_mask = inside_fixed, inside_moving
-    if fmask_img is not None:
-        f_mask = f_mask & (sitk.GetArrayFromImage(geometry.resample_onto(fmask_img, grid, labels=True)) > 0)
-    if mmask_img is not None:
-        m_mask = m_mask & (sitk.GetArrayFromImage(geometry.resample_onto(mmask_img, grid, labels=True)) > 0)
-    region = f_mask  # where the fixed image counts
-    f_norm = geometry.normalise_intensity(f_arr, region)
-    m_norm = geometry.normalise_intensity(m_arr, m_mask)
-
-    def tensor(a):
-        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))[None, None].to(torch_device)
-
-    f_t, m_t = tensor(f_norm), tensor(m_norm)
-    f_mask_t = None if f_mask.all() else tensor(f_mask)  # None: no masking (cheaper)
-    m_mask_t = None if m_mask.all() else tensor(m_mask)
+    pair = stages.prepare(fixed_img, moving_img, fmask_img, mmask_img, multiple=multiple,
+                          max_voxels=max_voxels or DEFAULT_MAX_VOXELS[nd], spacing=spacing, device=torch_device,
+                          memory_check=memory_check)
+    grid = pair.grid
     lap("resample")
 
+    # stage 2: affine pre-alignment
     pre = None
     if affine:
         report(0.08, "affine pre-alignment")
-        pre = affine_align(f_t, m_t, fixed_mask=f_mask_t, moving_mask=m_mask_t,
-                           convergence=Convergence(tolerance=settings.affine_tolerance)
-                           if settings.affine_tolerance else None,
-                           progress=lambda frac, msg: report(0.08 + 0.04 * frac, msg))
+        pre = stages.align_affine(pair, settings.affine_tolerance, progress=lambda frac, msg: report(0.08 + 0.04 * frac, msg))
     lap("affine")
 
+    # stage 3: the network, composed after the affine map, kept only if it improves the alignment
     report(0.12, f"network ({model_name})")
-    start = pre.field if pre is not None else torch.zeros(1, nd, *f_t.shape[2:], device=torch_device)
-    network_kept = None
-    with torch.no_grad():
-        flow = start
-        if net is not None:
-            m_in = m_t if pre is None else warp(m_t, pre.field)
-            # channels-last weights: the CPU convolutions run 20-25 % faster (128^3: 2.08 -> 1.59 s), same result
-            net = net.to(memory_format=torch.channels_last if nd == 2 else torch.channels_last_3d)
-            flow_net = net(f_t, m_in, warp_output=False)["flow"].contiguous()
-            # the network's field after the affine map (composing with a zero field is the field itself)
-            candidate = flow_net if pre is None else compose(start, flow_net)
-            # guard: keep the network's field only if it aligns better than its start, by the LNCC it was
-            # trained to lower (a pair unlike its training data must not be made worse)
-            # (at half resolution above 2^18 voxels: 8x cheaper in 3D, and a comparison needs no fine detail)
-            factor = 2 if f_t[0, 0].numel() > 2 ** 18 else 1
-            f_g, m_g = downsample(f_t, factor), downsample(m_t, factor)
-            size = f_g.shape[2:]
-            start_g, candidate_g = resize_field(start, size), resize_field(candidate, size)
-            weight = downsample(tensor(region), factor)
-            if m_mask_t is not None:  # both on the same support: where both warped moving images have data
-                m_mask_g = downsample(m_mask_t, factor)
-                weight = weight * warp(m_mask_g, start_g) * warp(m_mask_g, candidate_g)
-            loss_start = float(lncc_similarity(f_g, warp(m_g, start_g), weight, window=7))
-            loss_net = float(lncc_similarity(f_g, warp(m_g, candidate_g), weight, window=7))
-            network_kept = loss_net < loss_start
-            if network_kept:
-                flow = candidate
-            else:
-                warnings.warn(f"the network's field did not improve the alignment (LNCC loss {loss_start:.4f} -> "
-                              f"{loss_net:.4f}); continuing from the {'affine' if pre is not None else 'identity'} "
-                              "alignment")
+    start = pre.field if pre is not None else torch.zeros(1, nd, *grid.GetSize()[::-1], device=torch_device)
+    flow, network_kept = stages.apply_network(pair, net, start, start_is_identity=pre is None)
     lap("network")
 
+    # stage 4: refinement (instance optimisation) with the quality preset's convergence stop
     refinement = dict(quality=settings.name if iterations is None else None, levels=[], steps=[], seconds=[])
     if iterations != 0:
         report(0.15, "refining" + (f" ({iterations} iterations)" if iterations else f" ({settings.name})"))
-        deadline = None if time_budget is None else t_start + float(time_budget)
-        flow = instance_optimise(
-            f_t, m_t, flow, iterations,
-            fixed_mask=f_mask_t, moving_mask=m_mask_t,
-            use_jsm=use_jsm, velocity_factor=settings.velocity_factor,
-            convergence=Convergence(max_steps=settings.max_steps, max_steps_finest=settings.max_steps_finest,
-                                    tolerance=settings.tolerance, deadline=deadline),
-            stats=refinement,
-            progress=lambda frac, msg: report(0.15 + 0.75 * frac, msg),
-        )
+        flow = stages.refine(pair, flow, iterations, settings, use_jsm,
+                             deadline=None if time_budget is None else t_start + float(time_budget), stats=refinement,
+                             progress=lambda frac, msg: report(0.15 + 0.75 * frac, msg))
     lap("optimise")
 
+    # stage 5: export (physical field on the fixed grid; on the working grid for a fixed image over
+    # FIELD_ON_FIXED_GRID_UP_TO x its voxels: a float64 vector field on a 600^3 fixed grid alone would take
+    # 5.2 GB, twice, as the transform holds its own copy)
     report(0.9, "exporting the transform")
-    with torch.no_grad():
-        warped_t = warp(m_t, flow)
-        # large volumes: the displayed JSM is computed at half resolution (8x cheaper in 3D: 0.86 s at 128^3)
-        jsm_downsample = 2 if f_t[0, 0].numel() > 2 ** 20 else 1
-        jsm = joint_saliency_map(f_t, warped_t, downsample=jsm_downsample)[0, 0].cpu().numpy()
-        det = jacobian_determinant(flow)[0, 0].cpu().numpy()
-        # the weight the refinement's similarity had (``instance_optimise``): JSM-based, inside both images
-        weight = jsm_weight(torch.from_numpy(jsm), JSM_ALPHA) if use_jsm else torch.ones(f_t.shape[2:])
-        weight = weight * torch.from_numpy(f_mask.astype(np.float32))
-        if m_mask_t is not None:
-            weight = weight * warp(m_mask_t, flow)[0, 0].cpu()
-        weight = weight.numpy()
-    u = flow[0].cpu().numpy()
-    d_work = geometry.voxel_field_to_physical(u, grid)
-    # the field is computed on the working grid; a fixed image much larger than it gets the field on the
-    # working grid (interpolated linearly by whoever applies it, as it would be here): a float64 vector field
-    # on a 600^3 fixed grid alone would take 5.2 GB, twice (the transform holds its own copy)
-    field_grid = fixed_img if _voxels(fixed_img) <= FIELD_ON_FIXED_GRID_UP_TO * _voxels(grid) else grid
-    disp = geometry.resample_displacement(geometry.displacement_image(d_work, grid), field_grid)
-    transform = geometry.displacement_transform(disp)
-    warped = geometry.resample_onto(moving_img, fixed_img, transform=transform)
-    # the maps follow the field: on the fixed grid, or on the working grid for a very large fixed image
-    saliency = geometry.resample_onto(_on_grid(jsm, grid), field_grid)
-    jacobian = geometry.resample_onto(_on_grid(det, grid), field_grid, default=1.0)
-    confidence = geometry.resample_onto(_on_grid(weight, grid), field_grid)
-    w_norm = warped_t[0, 0].cpu().numpy()
-    folding = jacobian_statistics(det, inside_fixed)["folding_fraction"]
+    out = stages.export(pair, flow, use_jsm, _voxels(fixed_img) <= FIELD_ON_FIXED_GRID_UP_TO * _voxels(grid))
+    disp, transform, det = out.displacement, out.transform, out.determinant
+    region = pair.fixed.mask
+    # NCC of the written warped image against the fixed image, on the grid of the written field (the fixed
+    # grid, or the working grid for a very large fixed image), over the fixed image's region there
+    field_grid = fixed_img if disp.GetSize() == fixed_img.GetSize() else grid
+    fixed_there = sitk.GetArrayFromImage(geometry.resample_onto(fixed_img, field_grid))
+    ncc_before = _ncc(fixed_there, sitk.GetArrayFromImage(geometry.resample_onto(moving_img, field_grid)), out.fixed_region)
+    ncc_after = _ncc(fixed_there, sitk.GetArrayFromImage(geometry.resample_onto(out.warped, field_grid)), out.fixed_region)
+    del fixed_there
     metrics = dict(
         model=model_name, device=str(torch_device), dimension=nd, iterations=sum(refinement["steps"]),
         refinement=refinement,
         working_grid=dict(size=list(grid.GetSize()), spacing_mm=[round(s, 4) for s in grid.GetSpacing()]),
-        ncc_before=_ncc(f_norm, m_norm, region), ncc_after=_ncc(f_norm, w_norm, region),
-        folding_fraction=folding, sd_log_jacobian=jacobian_statistics(det, region)["sd_log_jacobian"],
-        max_displacement_mm=float(np.sqrt((d_work ** 2).sum(-1)).max()),
+        ncc_before=ncc_before, ncc_after=ncc_after,
+        # folding and SD log-Jacobian of the written transform (on its own grid)
+        folding_fraction=jacobian_statistics(det, out.fixed_field_of_view)["folding_fraction"],
+        sd_log_jacobian=jacobian_statistics(det, out.fixed_region)["sd_log_jacobian"],
+        max_displacement_mm=float(np.sqrt((out.displacement_mm ** 2).sum(-1)).max()),
         network_kept=network_kept,
         # the affine stage's map in LPS mm: p -> matrix (p - centre_mm) + centre_mm + translation_mm
         affine=None if pre is None else dict(
@@ -515,6 +425,6 @@ def register(
                    use_jsm=use_jsm, time_budget=time_budget, max_voxels=max_voxels,
                    spacing=None if spacing is None else [float(v) for v in np.atleast_1d(spacing)])
     return RegistrationResult(fixed=fixed_img, moving=moving_img, displacement=disp, transform=transform,
-                              warped=warped, saliency=saliency, jacobian=jacobian, timings=timings,
+                              warped=out.warped, saliency=out.saliency, jacobian=out.jacobian, timings=timings,
                               metrics=metrics, tre=tre, mapped_landmarks=mapped, landmark_labels=labels,
-                              inputs=sources, options=options, confidence=confidence)
+                              inputs=sources, options=options, confidence=out.confidence)
