@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from .errors import ModelError
 from .io import file_sha256  # noqa: F401  (re-exported: checkpoints are checked with it)
+from .matching import MatchingNet
 from .saliency import THESIS_OPTIONS, joint_saliency_map
 from .warp import integrate_velocity, resize_field, spatial_dims, warp
 
@@ -169,6 +170,8 @@ class DeepSalRegNet(nn.Module):
     Args:
         ndim: 2 or 3.
         global_widths, first_kernels, down_kernel, head_activation, upsample_flow: see ``GlobalNet``.
+        global_type: ``"flownet"`` (``GlobalNet``, the thesis's encoder-decoder) or ``"matching"``
+            (``matching.MatchingNet``: feature pyramid + cost volumes; ``matching_options`` are its arguments).
         global_downsample: run the global network at 1/k resolution and upsample its field (cheap 3D).
         local_widths, local_dilations: see ``LocalNet``.
         jsm_input: give the JSM to the local network (the forward coupling; False = ablation "2fcn_rf").
@@ -185,9 +188,11 @@ class DeepSalRegNet(nn.Module):
     def __init__(self, ndim=2, global_widths=((16, 32), (32, 32), (64, 64), (64, 64)), first_kernels=(3, 3),
                  down_kernel=3, head_activation=False, upsample_flow="interp", global_downsample=1,
                  local_widths=(32, 32, 16), local_dilations=(1, 2, 4, 1), jsm_input=True, local_images=True,
-                 residual=True, diffeomorphic=False, int_steps=7, jsm_options=None):
+                 residual=True, diffeomorphic=False, int_steps=7, jsm_options=None, global_type="flownet",
+                 matching_options=None):
         super().__init__()
         self.config = dict(
+            global_type=global_type, matching_options=dict(matching_options or {}),
             ndim=ndim, global_widths=[list(w) for w in global_widths], first_kernels=list(first_kernels),
             down_kernel=down_kernel, head_activation=head_activation, upsample_flow=upsample_flow,
             global_downsample=global_downsample, local_widths=list(local_widths),
@@ -196,7 +201,12 @@ class DeepSalRegNet(nn.Module):
             jsm_options=dict(jsm_options or {}),
         )
         self.ndim = ndim
-        self.global_net = GlobalNet(ndim, global_widths, first_kernels, down_kernel, head_activation, upsample_flow)
+        if global_type == "flownet":
+            self.global_net = GlobalNet(ndim, global_widths, first_kernels, down_kernel, head_activation, upsample_flow)
+        elif global_type == "matching":
+            self.global_net = MatchingNet(ndim, **dict(matching_options or {}))
+        else:
+            raise ValueError(f"global_type must be 'flownet' or 'matching', got {global_type!r}")
         self.global_downsample = int(global_downsample)
         self.multiple = self.global_net.multiple * self.global_downsample
         local_in = ndim + (1 if jsm_input else 0) + (3 if local_images else 0)
@@ -241,6 +251,9 @@ class DeepSalRegNet(nn.Module):
                     warped=warp(moving, flow) if warp_output else None, jsm=jsm, flows_multiscale=multiscale)
 
 
+_MODERN_LOSS = dict(similarity="lncc", gradient_weight=0.0, smoothness="diffusion", smoothness_weight=1.0,
+                    jsm_weight="coarse+refined", coarse_weight=0.5, jsm_alpha=0.1)
+
 #: Named configurations: ``model`` holds ``DeepSalRegNet`` arguments, ``loss`` the ``RegistrationLoss`` ones.
 PRESETS = {
     # Thesis topology (LVQU 128x128 cardiac network, ~33 M parameters) and loss: LeakyReLU flow heads,
@@ -267,6 +280,20 @@ PRESETS = {
                    local_widths=[16, 16, 8], local_dilations=[1, 2, 4, 1]),
         loss=dict(similarity="lncc", gradient_weight=0.0, smoothness="diffusion", smoothness_weight=1.0,
                   jsm_weight="coarse+refined", coarse_weight=0.5, jsm_alpha=0.1),
+    ),
+    # Explicit matching (session 7, issue 13): the global network is a feature pyramid with cost volumes at
+    # 1/8, 1/4, 1/2 (matching.py); the light local network refines at full resolution from the JSM.
+    "matching-2d": dict(
+        model=dict(ndim=2, global_type="matching",
+                   matching_options=dict(feature_widths=[16, 32, 32], radii=[4, 3, 2], decoder_widths=[48, 32, 32]),
+                   local_widths=[32, 32, 16], local_dilations=[1, 2, 4, 1]),
+        loss=dict(_MODERN_LOSS),
+    ),
+    "matching-3d": dict(
+        model=dict(ndim=3, global_type="matching",
+                   matching_options=dict(feature_widths=[8, 16, 32], radii=[3, 2, 1], decoder_widths=[32, 24, 16]),
+                   local_widths=[16, 16, 8], local_dilations=[1, 2, 4, 1]),
+        loss=dict(_MODERN_LOSS),
     ),
 }
 

@@ -72,6 +72,26 @@ def test_supervised_on_synthetic_images_without_shared_data(tmp_path):
     assert "make_dataset.py" in card and "seed 0" in card and entry["sha256"] in card and "cpu_count" not in card
 
 
+def test_matching_preset_trains_and_stops_at_its_wall_clock_cap(tmp_path):
+    """The GPU recipe's cap (train.max_minutes): the run stops early, validated and checkpointed, and the
+    matching network it wrote rebuilds itself in register()."""
+    data = tmp_path / "syn.h5"
+    assert make_dataset.main([str(data), "--synthetic", "4", "--shape", "32", "32", "--val-fraction", "0.5"]) == 0
+    out = tmp_path / "capped"
+    assert train.main(["--data", str(data), "--out", str(out), "--steps", "50", "--set", "model.preset=matching-2d",
+                       "--set", "model.overrides={local_widths: [4, 4], local_dilations: [1, 2, 1]}",
+                       "--set", "train.max_minutes=0.0001", "--set", "train.log_every=1", "--set", "train.threads=1",
+                       "--set", "train.tensorboard=false", "--set", "data.val_samples=2", "--set", "data.crop=[32,32]",
+                       "--set", "train.batch_size=2"]) == 0
+    state = load_state(out / "state.pt")
+    assert state["position"]["step"] == 1  # stopped at the first step past the cap, not at 50
+    assert (out / "val.csv").read_text().splitlines()[1].startswith("1,")
+    model, payload = load_checkpoint(out / "model.pt")
+    assert payload["config"]["global_type"] == "matching"
+    image = sitk.GetImageFromArray(np.random.default_rng(1).random((32, 32)).astype(np.float32))
+    assert register(image, image, model=str(out / "model.pt"), iterations=0).displacement.GetSize() == (32, 32)
+
+
 def test_end_to_end_real_images_kill_resume_evaluate(shared_data, tmp_path, capsys):
     data = tmp_path / "real.h5"
     slices = sorted((shared_data / "templates").glob("ants_r*slice.jpg"))

@@ -62,6 +62,7 @@ DEFAULTS = {
         "scheduler": "cosine",  # "cosine", "constant" or "step"
         "warmup_steps": 0,
         "grad_clip": 10.0,  # max gradient norm (0: off)
+        "max_minutes": 0.0,  # stop (validated and checkpointed) after this much wall time in this process (0: off)
         "amp": "auto",  # automatic mixed precision: "auto" (on CUDA), true, false
         "device": "auto",
         "threads": None,  # torch.set_num_threads (CPU); 1 is polite on shared machines

@@ -230,7 +230,7 @@ def _check_resumable(state, config, model, path):
         raise ModelError(f"checkpoint {path} holds a different network (differs in {', '.join(diff)}); "
                          "use the same model settings or another --out.")
     changed = sorted(f"{s}.{k}" for s in ("data", "loss", "train") for k in config[s]
-                     if config[s][k] != old[s].get(k) and k not in ("steps", "progress", "workers", "threads", "device"))
+                     if config[s][k] != old[s].get(k) and k not in ("steps", "max_minutes", "progress", "workers", "threads", "device"))
     return changed
 
 
@@ -383,7 +383,8 @@ def _train(config, dist, resume, interrupt_after):
     t_start = time.perf_counter()
     window_t, window_pairs = time.perf_counter(), 0
     running = {}
-    while position["step"] < steps:
+    time_up = False
+    while position["step"] < steps and not time_up:
         sampler = ResumableSampler(train_set, batch_size, position["epoch"], position["batch"], config["seed"],
                                    dist.rank, dist.world)
         for batch in _loader(train_set, sampler, config, device):
@@ -412,6 +413,9 @@ def _train(config, dist, resume, interrupt_after):
                 running[k] = running.get(k, 0.0) + v
             running["n"] = running.get("n", 0) + 1
             step = position["step"]
+            if t_cfg["max_minutes"]:  # a wall-clock cap (the GPU recipe): every process stops at the same step
+                over = (time.perf_counter() - t_start) / 60.0 >= float(t_cfg["max_minutes"])
+                time_up = dist.all_mean({"over": float(over)})["over"] > 0
             if step % int(t_cfg["log_every"]) == 0 or step == steps:
                 n = running.pop("n")
                 means = dist.all_mean({k: v / n for k, v in running.items()})
@@ -435,15 +439,15 @@ def _train(config, dist, resume, interrupt_after):
                         print(f"step {step}/{steps} loss {means['loss']:.4g} ({rate:.1f} pairs/s)", file=sys.stderr, flush=True)
             if bar is not None:
                 bar.update(1)
-            if step % int(t_cfg["val_every"]) == 0 or step == steps:
+            if step % int(t_cfg["val_every"]) == 0 or step == steps or time_up:
                 run_validation()
-            if step % int(t_cfg["checkpoint_every"]) == 0 or step == steps:
+            if step % int(t_cfg["checkpoint_every"]) == 0 or step == steps or time_up:
                 checkpoint()
                 if interrupt_after is not None and step >= interrupt_after:
                     import signal
 
                     os.kill(os.getpid(), signal.SIGKILL)  # testing aid: die like a killed job, no clean-up
-            if step >= steps:
+            if step >= steps or time_up:
                 break
         else:
             position["epoch"] += 1
