@@ -16,7 +16,7 @@ from pathlib import Path
 from .errors import DeepSalRegError, InputError
 from .quality import DEFAULT_QUALITY, PRESETS
 
-EXIT_OK, EXIT_INTERNAL, EXIT_BATCH_FAILURES, EXIT_INTERRUPTED = 0, 1, 6, 130
+EXIT_OK, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 130
 
 EXAMPLES = """\
 examples:
@@ -164,62 +164,23 @@ def cmd_warp(args):
     return EXIT_OK
 
 
-BATCH_SUMMARY_COLUMNS = ["name", "status", "fixed", "moving", "ncc_before", "ncc_after", "tre_before_mm",
-                         "tre_after_mm", "folding_percent", "time_s", "error"]
-
-
-def _write_batch_summary(path: Path, rows) -> None:
-    from . import io
-
-    lines = [",".join(BATCH_SUMMARY_COLUMNS)]
-    for row in rows:
-        lines.append(",".join('"' + str(row.get(c, "")).replace('"', "'") + '"' for c in BATCH_SUMMARY_COLUMNS))
-    io._write_atomically(path, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"), "summary")
-
-
 def cmd_batch(args):
-    """Register every pair of the CSV; ``summary.csv`` is rewritten (atomically) after each pair, so a batch
-    stopped half-way still says what it did; a pair that fails (bad input or an internal error) is reported
-    and skipped."""
-    import traceback
-
+    """Register every pair of the CSV (the loop, the summary and the failure rules: ``batch.run_batch``)."""
     from . import io
+    from .batch import run_batch, summary_row
     from .pairs import read_pairs
 
     pairs = read_pairs(args.pairs)  # at least one pair, or InputError
     outdir = io.check_output_folder(args.output)
-    summary_path = io.check_output_path(outdir / "summary.csv", [args.pairs])
-    summary = []
-    failed = 0
-    for i, pair in enumerate(pairs):
-        label = f"[{i + 1}/{len(pairs)}] {pair['name']}"
-        row = dict(name=pair["name"], fixed=pair["fixed"], moving=pair["moving"], status="ok", error="")
-        try:
-            result, _ = _register_one(args, pair["fixed"], pair["moving"], outdir / pair["name"],
-                                      pair["fixed_landmarks"], pair["moving_landmarks"], pair["fixed_mask"],
-                                      pair["moving_mask"], label=label)
-            m = result.metrics
-            row.update(ncc_before=f"{m['ncc_before']:.4f}", ncc_after=f"{m['ncc_after']:.4f}",
-                       folding_percent=f"{100 * m['folding_fraction']:.4f}", time_s=f"{result.timings['total']:.2f}",
-                       tre_before_mm=f"{m['tre_before_mm']:.3f}" if "tre_before_mm" in m else "",
-                       tre_after_mm=f"{m['tre_after_mm']:.3f}" if "tre_after_mm" in m else "")
-            print(f"{label}: ok, NCC {m['ncc_before']:.3f} -> {m['ncc_after']:.3f}, {result.timings['total']:.1f} s"
-                  + (f", TRE {m['tre_before_mm']:.2f} -> {m['tre_after_mm']:.2f} mm" if result.tre is not None else ""))
-        except DeepSalRegError as exc:
-            failed += 1
-            row.update(status="failed", error=str(exc))
-            print(f"{label}: FAILED, skipped: {exc}", file=sys.stderr)
-        except (KeyboardInterrupt, MemoryError):
-            raise
-        except Exception as exc:  # a bug shows its traceback, and the other pairs still run
-            failed += 1
-            row.update(status="failed", error=f"internal error: {type(exc).__name__}: {exc}".splitlines()[0])
-            print(f"{label}: FAILED with an internal error, skipped:", file=sys.stderr)
-            traceback.print_exc()
-        summary.append(row)
-        _write_batch_summary(summary_path, summary)
-    print(f"{len(pairs) - failed} of {len(pairs)} pairs registered; summary in {summary_path}")
-    return EXIT_BATCH_FAILURES if failed else EXIT_OK
+    io.check_output_path(outdir / "summary.csv", [args.pairs])
+    outdir.mkdir(parents=True, exist_ok=True)
+
+    def register_pair(pair, folder, label):
+        result, _ = _register_one(args, pair["fixed"], pair["moving"], folder, pair["fixed_landmarks"],
+                                  pair["moving_landmarks"], pair["fixed_mask"], pair["moving_mask"], label=label)
+        return summary_row(result)
+
+    return run_batch(pairs, outdir, register_pair)
 
 
 def cmd_demo(args):

@@ -20,22 +20,20 @@ not bundle) and, with landmarks, ``tre.csv``. ``outdir/summary.csv``
 gets one row per pair as soon as it is done. A pair that fails is reported on stderr, recorded with status
 ``failed`` and its error, and skipped.
 
-Exit code: 0 when every pair succeeded, 1 when at least one failed, 2 when the batch could not start
-(bad arguments, unreadable pair list, PyTorch missing).
+Exit code: 0 when every pair succeeded, 6 when at least one failed, 2 when the batch could not start
+(bad arguments, unreadable pair list, PyTorch missing): the codes of ``deepsalreg batch``, whose loop
+(``DeepSalRegLib.batch.run_batch``: skip a failed pair, rewrite ``summary.csv`` after every pair) this
+script shares.
 
 Outside the Slicer application (Python with the ``slicer-core`` wheel, as the tests run it) the script makes
 its own MRML scene.
 """
 import argparse
-import csv
 import importlib.util
 import os
 import sys
-import time
-import traceback
 from pathlib import Path
 
-SUMMARY_COLUMNS = ["name", "status", "seconds", "tre_before_mm", "tre_after_mm", "fixed", "moving", "output", "error"]
 
 
 def library():
@@ -100,16 +98,17 @@ def _remove_nodes(scene, nodes) -> None:
 
 
 def register_pair(scene, pair: dict, output: Path, options, register=None, log=print, report: bool = False) -> dict:
-    """Load, register and save one pair; returns its summary row (status ``ok`` or ``failed``).
+    """Load one pair into the scene, register it through the Slicer glue, save the results into ``output`` and
+    remove its nodes again; returns its summary values (the TRE measured on the scene's markups through the
+    transform node). Raises on failure (``DeepSalRegLib.batch.run_batch`` reports and skips the pair).
 
     ``report``: also write ``report.png`` (matplotlib); off by default because Slicer does not bundle it.
     """
     glue = library()
+    from DeepSalRegLib.batch import summary_row
     from DeepSalRegLib.io import read_image, read_label_image, read_landmarks
 
-    row = {"name": pair["name"], "fixed": pair["fixed"], "moving": pair["moving"], "output": str(output)}
     created = []
-    start = time.monotonic()
     try:
         fixed_image = read_image(pair["fixed"], "fixed image")
         moving_image = read_image(pair["moving"], "moving image")
@@ -140,25 +139,12 @@ def register_pair(scene, pair: dict, output: Path, options, register=None, log=p
                                      **masks)
         created += [result.transform, result.warped, result.saliency, result.jacobian, result.confidence, result.tre_table]
         result.outputs.result.save(output, report=report)
-        row["status"] = "ok"
+        row = summary_row(result.outputs.result)
         if result.mean_tre is not None:
-            row["tre_before_mm"], row["tre_after_mm"] = (f"{value:.4f}" for value in result.mean_tre)
-    except Exception as error:  # a failed pair is reported and skipped
-        row["status"] = "failed"
-        row["error"] = str(error).splitlines()[0] if str(error) else type(error).__name__
-        print(f"[{pair['name']}] failed: {row['error']}", file=sys.stderr, flush=True)
-        if not _is_user_error(error):
-            traceback.print_exc()
+            row["tre_before_mm"], row["tre_after_mm"] = (f"{value:.3f}" for value in result.mean_tre)
+        return row
     finally:
         _remove_nodes(scene, created)
-    row["seconds"] = f"{time.monotonic() - start:.2f}"
-    return row
-
-
-def _is_user_error(error) -> bool:
-    from DeepSalRegLib.errors import DeepSalRegError
-
-    return isinstance(error, DeepSalRegError)
 
 
 def _default_scene():
@@ -195,21 +181,13 @@ def main(argv=None, scene=None, register=None) -> int:
             return 2
     scene = scene if scene is not None else _default_scene()
     args.outdir.mkdir(parents=True, exist_ok=True)
-    summary_path = args.outdir / "summary.csv"
-    failures = 0
-    with open(summary_path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=SUMMARY_COLUMNS)
-        writer.writeheader()
-        for number, pair in enumerate(pairs, start=1):
-            print(f"Pair {number}/{len(pairs)}: {pair['name']}", flush=True)
-            row = register_pair(scene, pair, args.outdir / pair["name"], options, register=register,
-                                report=args.report)
-            failures += row["status"] != "ok"
-            writer.writerow(row)
-            handle.flush()
-    print(f"{len(pairs) - failures} of {len(pairs)} pairs registered; summary in {summary_path}", flush=True)
-    return 1 if failures else 0
+    from DeepSalRegLib.batch import run_batch
 
+    def one(pair, folder, label):
+        print(f"{label}: registering", flush=True)
+        return register_pair(scene, pair, folder, options, register=register, report=args.report)
+
+    return run_batch(pairs, args.outdir, one, log=lambda line: print(line, flush=True))
 
 if __name__ == "__main__":
     sys.exit(main())
