@@ -10,6 +10,7 @@ import pytest
 import SimpleITK as sitk
 
 from DeepSalRegLib import batch, cli, models
+from DeepSalRegLib.cli import commands
 from DeepSalRegLib.networks import build_model, save_checkpoint
 
 
@@ -148,7 +149,7 @@ def test_batch_summary_is_written_after_every_pair(pair2d, tmp_path, capsys, mon
     f, m = pair2d
     pairs = tmp_path / "pairs.csv"
     pairs.write_text(f"fixed,moving,name\n{f.name},{m.name},one\n{f.name},{m.name},two\n{f.name},{m.name},three\n")
-    real = cli._register_one
+    real = commands._register_one
     calls = []
 
     def flaky(args, fixed, moving, outdir, *rest, **kwargs):
@@ -161,7 +162,7 @@ def test_batch_summary_is_written_after_every_pair(pair2d, tmp_path, capsys, mon
             raise KeyboardInterrupt
         return real(args, fixed, moving, outdir, *rest, **kwargs)
 
-    monkeypatch.setattr(cli, "_register_one", flaky)
+    monkeypatch.setattr(commands, "_register_one", flaky)
     code, _, err = _run(["batch", pairs, "-o", tmp_path / "b", "--model", "none", "--iterations", "3", "-q",
                          "--no-report"], capsys)
     assert code == cli.EXIT_INTERRUPTED and calls == ["one", "two", "three"]

@@ -836,6 +836,7 @@ def test_both_batch_faces_read_the_same_pair_list_with_masks(scene, tmp_path, ca
     """One reader (DeepSalRegLib.pairs) behind `deepsalreg batch` and the Slicer batch script: the mask
     columns reach the registration in both."""
     from DeepSalRegLib import cli
+    from DeepSalRegLib.cli import commands
 
     batch = _load_batch_script()
     fixed_image, moving_image = phantom_pair()
@@ -855,7 +856,7 @@ def test_both_batch_faces_read_the_same_pair_list_with_masks(scene, tmp_path, ca
     assert (tmp_path / "slicer_out" / "001_moving" / "transform.h5").is_file()
     assert scene.GetNumberOfNodesByClass("vtkMRMLLabelMapVolumeNode") == 0  # cleaned up with the pair
     calls = []
-    real = cli._register_one
+    real = commands._register_one
 
     def spy(args, fixed, moving, outdir, fixed_landmarks=None, moving_landmarks=None, fixed_mask=None, *rest, **kw):
         calls.append(dict(fixed_mask=fixed_mask, name=Path(outdir).name))
@@ -863,7 +864,7 @@ def test_both_batch_faces_read_the_same_pair_list_with_masks(scene, tmp_path, ca
 
     import unittest.mock
 
-    with unittest.mock.patch.object(cli, "_register_one", spy):
+    with unittest.mock.patch.object(commands, "_register_one", spy):
         code = cli.main(["batch", str(tmp_path / "pairs.csv"), "-o", str(tmp_path / "cli_out"), "--model", "none",
                          "--iterations", "2", "-q", "--no-report"])
     assert code == 0 and calls == [dict(fixed_mask=str(tmp_path / "mask.nrrd"), name="001_moving")]
