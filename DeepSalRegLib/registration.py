@@ -63,7 +63,10 @@ class RegistrationResult:
         fixed, moving: the input images as read (scalar float32).
         displacement: vector image (float64, LPS mm) on the fixed grid (on the working grid for a fixed image
             of more than ``memory.FIELD_ON_FIXED_GRID_UP_TO`` times its voxels); fixed point ``p`` -> ``p + d(p)``.
-        transform: ``sitk.DisplacementFieldTransform`` of that field (fixed -> moving).
+        transform: the transform written to ``transform.h5`` (fixed -> moving): with the affine stage the ITK
+            composite of its affine map (LPS) and a residual displacement field, equal to ``displacement`` on
+            its grid and exactly the affine map outside it (``stages.written_transform``); else the
+            ``DisplacementFieldTransform`` of ``displacement``.
         warped: the moving image resampled onto the fixed grid through ``transform``.
         saliency: joint saliency map of fixed and warped (0..1), on the grid of ``displacement``.
         jacobian: Jacobian determinant of ``p -> T(p)`` (<= 0 means folding), on the grid of ``displacement``.
@@ -84,7 +87,7 @@ class RegistrationResult:
     fixed: sitk.Image
     moving: sitk.Image
     displacement: sitk.Image
-    transform: sitk.DisplacementFieldTransform
+    transform: sitk.Transform
     warped: sitk.Image
     saliency: sitk.Image
     jacobian: sitk.Image
@@ -373,7 +376,11 @@ def register(
     refinement = dict(quality=settings.name if iterations is None else None, levels=[], steps=[], seconds=[])
     if iterations != 0:
         report(0.15, "refining" + (f" ({iterations} iterations)" if iterations else f" ({settings.name})"))
-        flow = stages.refine(pair, flow, iterations, settings, use_jsm,
+        levels = (8, 4, 2, 1)
+        if network_kept and settings.levels_after_network:
+            levels = settings.levels_after_network
+        refinement["pyramid"] = list(levels)
+        flow = stages.refine(pair, flow, iterations, settings, use_jsm, levels=levels,
                              deadline=None if time_budget is None else t_start + float(time_budget), stats=refinement,
                              progress=lambda frac, msg: report(0.15 + 0.75 * frac, msg))
     lap("optimise")
@@ -382,9 +389,8 @@ def register(
     # FIELD_ON_FIXED_GRID_UP_TO x its voxels: a float64 vector field on a 600^3 fixed grid alone would take
     # 5.2 GB, twice, as the transform holds its own copy)
     report(0.9, "exporting the transform")
-    out = stages.export(pair, flow, use_jsm, _voxels(fixed_img) <= FIELD_ON_FIXED_GRID_UP_TO * _voxels(grid))
+    out = stages.export(pair, flow, use_jsm, _voxels(fixed_img) <= FIELD_ON_FIXED_GRID_UP_TO * _voxels(grid), affine=pre)
     disp, transform, det = out.displacement, out.transform, out.determinant
-    region = pair.fixed.mask
     # NCC of the written warped image against the fixed image, on the grid of the written field (the fixed
     # grid, or the working grid for a very large fixed image), over the fixed image's region there
     field_grid = fixed_img if disp.GetSize() == fixed_img.GetSize() else grid

@@ -16,7 +16,8 @@ import SimpleITK as sitk
 from . import geometry
 from .errors import InputError
 
-__all__ = ["GridImage", "WorkingPair", "prepare", "align_affine", "apply_network", "refine", "export", "MIN_OVERLAP"]
+__all__ = ["GridImage", "WorkingPair", "prepare", "align_affine", "apply_network", "refine", "export", "physical_affine",
+           "written_transform", "MIN_OVERLAP"]
 
 #: Least fraction of the fixed image that the moving image must cover in physical space (else: InputError).
 MIN_OVERLAP = 0.01
@@ -167,12 +168,14 @@ def apply_network(pair: WorkingPair, net, start, start_is_identity: bool):
     return (candidate if kept else start), kept
 
 
-def refine(pair: WorkingPair, flow, iterations, settings, use_jsm: bool, deadline=None, stats=None, progress=None):
-    """Instance optimisation of ``flow`` (``optimise.instance_optimise``) with the quality preset's stop rule."""
+def refine(pair: WorkingPair, flow, iterations, settings, use_jsm: bool, deadline=None, stats=None, progress=None,
+           levels=(8, 4, 2, 1)):
+    """Instance optimisation of ``flow`` (``optimise.instance_optimise``) with the quality preset's stop rule,
+    on the pyramid ``levels`` (downsampling factors, coarse to fine)."""
     from .optimise import Convergence, instance_optimise
 
     return instance_optimise(
-        pair.fixed.tensor, pair.moving.tensor, flow, iterations,
+        pair.fixed.tensor, pair.moving.tensor, flow, iterations, levels=tuple(levels),
         fixed_mask=pair.fixed.mask_tensor, moving_mask=pair.moving.mask_tensor,
         use_jsm=use_jsm, velocity_factor=settings.velocity_factor,
         convergence=Convergence(max_steps=settings.max_steps, max_steps_finest=settings.max_steps_finest,
@@ -185,7 +188,7 @@ class Exported:
     """``export``'s results: physical images on the field's grid and working-grid arrays for the metrics."""
 
     displacement: sitk.Image
-    transform: sitk.DisplacementFieldTransform
+    transform: sitk.Transform
     warped: sitk.Image
     saliency: sitk.Image
     jacobian: sitk.Image
@@ -196,10 +199,42 @@ class Exported:
     displacement_mm: np.ndarray  # physical field on the working grid, (*S, nd)
 
 
-def export(pair: WorkingPair, flow, use_jsm: bool, field_on_fixed_grid: bool) -> Exported:
+def physical_affine(pre, grid: sitk.Image) -> sitk.AffineTransform:
+    """The affine stage's map (``affine.AffineResult``, working-grid voxels) as an ITK ``AffineTransform``
+    (LPS mm, fixed -> moving: ``p -> matrix (p - centre) + centre + translation``)."""
+    values = geometry.voxel_affine_to_physical(pre.matrix.cpu().numpy(), pre.translation.cpu().numpy(), grid)
+    nd = grid.GetDimension()
+    transform = sitk.AffineTransform(nd)
+    transform.SetMatrix(np.asarray(values["matrix"], dtype=float).ravel().tolist())
+    transform.SetCenter(values["centre_mm"])
+    transform.SetTranslation(values["translation_mm"])
+    return transform
+
+
+def written_transform(disp: sitk.Image, affine: sitk.AffineTransform | None) -> sitk.Transform:
+    """The transform a result writes: ``p -> p + disp(p)`` on the field's grid.
+
+    With an affine stage it is the composite ``A o D`` of the affine map ``A`` and the displacement field
+    ``D(p) = A^-1(p + disp(p))`` (ITK applies a composite's last transform first): equal to ``disp`` on its
+    grid and exactly ``A`` outside it, where a displacement field alone would be the identity. Without one
+    (or an identity affine) it is the displacement field transform of ``disp``.
+    """
+    dense = geometry.displacement_transform(disp)
+    if affine is None or (np.allclose(affine.GetMatrix(), np.eye(disp.GetDimension()).ravel())
+                          and np.allclose(affine.GetTranslation(), 0)):
+        return dense
+    residual = sitk.TransformToDisplacementField(
+        sitk.CompositeTransform([affine.GetInverse(), dense]), sitk.sitkVectorFloat64, disp.GetSize(),
+        disp.GetOrigin(), disp.GetSpacing(), disp.GetDirection())
+    del dense
+    return sitk.CompositeTransform([affine, sitk.DisplacementFieldTransform(residual)])
+
+
+def export(pair: WorkingPair, flow, use_jsm: bool, field_on_fixed_grid: bool, affine=None) -> Exported:
     """The working-grid field as physical results: the displacement (on the fixed grid, or on the working
     grid when ``field_on_fixed_grid`` is False: a fixed image much larger than the working grid), its ITK
-    transform, the warped moving image on the fixed grid, the JSM, the confidence map and the Jacobian
+    transform (``written_transform``: the composite of ``affine``, the affine stage's result, and a residual
+    field), the warped moving image on the fixed grid, the JSM, the confidence map and the Jacobian
     determinant of the written field (ITK, physical derivatives), so that folding is reported for the
     transform a user applies, not for the working-grid field it was interpolated from."""
     import torch
@@ -225,7 +260,7 @@ def export(pair: WorkingPair, flow, use_jsm: bool, field_on_fixed_grid: bool) ->
     d_work = geometry.voxel_field_to_physical(flow[0].cpu().numpy(), grid)
     field_grid = pair.fixed_image if field_on_fixed_grid else grid
     disp = geometry.resample_displacement(geometry.displacement_image(d_work, grid), field_grid)
-    transform = geometry.displacement_transform(disp)
+    transform = written_transform(disp, None if affine is None else physical_affine(affine, grid))
     warped = geometry.resample_onto(pair.moving_image, pair.fixed_image, transform=transform)
     jacobian = sitk.Cast(sitk.DisplacementFieldJacobianDeterminant(disp), sitk.sitkFloat32)
 

@@ -39,8 +39,9 @@ def _register_one(args, fixed, moving, outdir, fixed_landmarks=None, moving_land
         from ..report import write_report
 
         paths["report"] = write_report(result, io.check_output_path(report_file, inputs))
-    if transform_file:
-        paths["transform"] = io.write_transform(result.displacement, transform_file)
+    if transform_file:  # an ITK transform file gets the composite with the exact affine; an image the field
+        is_image = io._extension(transform_file) not in io._TRANSFORM_FILES
+        paths["transform"] = io.write_transform(result.displacement if is_image else result.transform, transform_file)
     result.timings["write"] = time.perf_counter() - t0
     return result, paths
 
@@ -64,11 +65,12 @@ def cmd_warp(args):
         reference = io.read_image(args.reference, "reference image")
     else:
         field = None
-        inner = transform
-        if isinstance(transform, sitk.CompositeTransform) and transform.GetNumberOfTransforms() == 1:
-            inner = transform.GetNthTransform(0)
-        if hasattr(inner, "GetDisplacementField"):
-            field = inner.GetDisplacementField()
+        parts = [transform]
+        if isinstance(transform, sitk.CompositeTransform):  # e.g. affine + displacement field (register's .h5)
+            parts = [transform.GetNthTransform(i) for i in range(transform.GetNumberOfTransforms())]
+        for inner in parts:
+            if hasattr(inner, "GetDisplacementField"):
+                field = inner.GetDisplacementField()
         if field is None or field.GetNumberOfPixels() == 0:
             raise InputError("this transform has no grid of its own; give --reference (the fixed image).")
         reference = field
