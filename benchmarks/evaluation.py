@@ -12,7 +12,8 @@ Everything below is computed from ``T`` and the case files only, identically for
   Jacobian determinant (``sitk.DisplacementFieldJacobianDeterminant``, physical), folding fraction
   (``det <= 0``) and SD of ``log(det)`` inside the case's ``eval_mask`` (whole image without one);
 * a known field: end-point error ``|d - d_true|`` (mean, median, 95th percentile) inside the mask; with an
-  altered region (missing-correspondence study) also outside and inside it separately.
+  altered region (missing-correspondence study) also outside and inside it separately, and in distance
+  bands around it: ``epe_band_*`` within ``BAND_MM`` of the region, ``epe_far_*`` beyond.
 """
 from __future__ import annotations
 
@@ -24,8 +25,9 @@ import SimpleITK as sitk
 from DeepSalRegLib import io as dio
 from DeepSalRegLib.metrics import LOG_JACOBIAN_CLIP, dice_per_label, end_point_error, jacobian_statistics
 
-__all__ = ["evaluate", "dense_field", "jacobian"]
+__all__ = ["evaluate", "dense_field", "jacobian", "BAND_MM"]
 
+BAND_MM = 10.0  # width of the band around an altered region (mm; pixels for pictures)
 
 
 def dense_field(transform: sitk.Transform, grid: sitk.Image) -> np.ndarray:
@@ -114,6 +116,17 @@ def evaluate(case: dict, transform_path, altered_mask: str | None = None, error_
             outside = region & ~near
             true_log_det = np.log(np.clip(jacobian(true, fixed), LOG_JACOBIAN_CLIP, None))
             out.update(_stats(epe[outside], "epe_outside"))
+            # distance bands in mm (the 3D study): 0-10 mm around the region, and beyond 10 mm
+            def distance_to(mask):
+                return sitk.GetArrayFromImage(sitk.SignedMaurerDistanceMap(
+                    sitk.Cast(mask, sitk.sitkUInt8), insideIsPositive=False, squaredDistance=False, useImageSpacing=True))
+
+            band = region & ~inside & (distance_to(altered) <= BAND_MM)
+            # "far" from a reference region shared by all variants of a study (like-for-like with the unaltered pair)
+            reference = sitk.ReadImage(case["far_reference"]) > 0 if case.get("far_reference") else altered
+            far = region & (distance_to(reference) > BAND_MM)
+            out.update(_stats(epe[band], "epe_band"))
+            out.update(_stats(epe[far], "epe_far"))
             out.update(_stats(epe[inside & region], "epe_inside"))
             inside_stats = jacobian_statistics(det, inside)
             out.update(folding_inside=inside_stats["folding_fraction"],

@@ -123,6 +123,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--iterations", type=int, default=None, help="DeepSalReg instance-optimisation steps "
                         "(default 100; 50 with --quick, 5 with --tiny)")
     parser.add_argument("--device", default="cpu", help="DeepSalReg device for the accuracy runs (cpu, cuda, auto)")
+    parser.add_argument("--model-2d", default=None, help="DeepSalReg 2D model (name or .pt; default: the shipped default-2d)")
+    parser.add_argument("--model-3d", default=None, help="DeepSalReg 3D model (name or .pt; default: the shipped default-3d)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for every method")
     parser.add_argument("--inline", action="store_true", help="run methods in this process (no memory figures; "
                         "default with --tiny)")
@@ -161,7 +163,7 @@ def main(argv=None) -> dict:
         else:
             skipped[method] = reason
             log(f"  skipping {method}: {reason}")
-    models = {2: trained_model(2), 3: trained_model(3)}
+    models = {2: args.model_2d or trained_model(2), 3: args.model_3d or trained_model(3)}
     log(f"  trained models: 2D {models[2] or 'none'}, 3D {models[3] or 'none'} "
         "(network-only rows without a model are the identity: untrained/not available)")
     runner = Runner(dict(iterations=iterations, device=args.device, models={str(k): v for k, v in models.items()}),
