@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from DeepSalRegLib import models
-from DeepSalRegLib.networks import file_sha256
+from DeepSalRegLib.networks import PRESETS, file_sha256
 
 ENTRIES = sorted(models.registry().items())
 
@@ -20,7 +20,8 @@ def test_shipped_model_is_complete(name, entry):
         assert section in text, section
     net, payload, resolved = models.load(name, entry["ndim"])
     assert resolved == name and net.ndim == entry["ndim"]
-    assert payload["training"]["config"]["model"]["preset"].startswith("modern")
+    preset = payload["training"]["config"]["model"]["preset"]
+    assert preset in PRESETS and not preset.startswith("thesis")  # a modern or matching design
 
 
 def test_default_resolves_by_dimension():
