@@ -29,6 +29,8 @@ __all__ = [
     "as_scalar_image",
     "validate_image",
     "make_working_grid",
+    "grid_size",
+    "centred_grid",
     "grid_shape",
     "same_grid",
     "field_of_view",
@@ -207,6 +209,18 @@ def make_working_grid(
         if np.any(step <= 0) or not np.all(np.isfinite(step)):
             raise InputError(f"working-grid spacing must be positive, got {spacing}.")
     extent = np.asarray(fixed.GetSize(), dtype=float) * np.asarray(fixed.GetSpacing())
+    size, step = grid_size(extent, step, multiple, max_voxels)
+    return centred_grid(fixed, size, step)
+
+
+def grid_size(extent, step, multiple: int = 1, max_voxels: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(size, step)`` of a grid covering ``extent`` (mm, ITK axis order) at ``step`` (mm): each size rounded up
+    to a multiple of ``multiple``; with ``max_voxels`` the step is coarsened isotropically until the grid holds
+    at most that many voxels (or every axis is down to ``multiple``). The one rule of the working grid and of
+    the training datasets' grid."""
+    extent = np.asarray(extent, dtype=float)
+    step = np.asarray(step, dtype=float).copy()
+    nd = extent.size
 
     def size_for(s: np.ndarray) -> np.ndarray:
         # 1e-6: an extent that is an exact multiple of the step must not gain a voxel from rounding.
@@ -218,9 +232,16 @@ def make_working_grid(
         while np.prod(size, dtype=float) > max_voxels and np.any(size > multiple):
             step = step * max(1.01, (np.prod(size, dtype=float) / max_voxels) ** (1.0 / nd))
             size = size_for(step)
+    return size, step
 
-    direction = np.array(fixed.GetDirection()).reshape(nd, nd)
-    centre = np.asarray(fixed.GetOrigin()) + _matrix(fixed) @ ((np.asarray(fixed.GetSize()) - 1) / 2.0)
+
+def centred_grid(reference: sitk.Image, size, spacing) -> sitk.Image:
+    """A zero float32 image of ITK ``size`` and ``spacing`` (mm) with ``reference``'s direction, centred on it."""
+    nd = reference.GetDimension()
+    size = np.asarray(size, dtype=int)
+    step = np.broadcast_to(np.asarray(spacing, dtype=float), (nd,)).copy()
+    direction = np.array(reference.GetDirection()).reshape(nd, nd)
+    centre = np.asarray(reference.GetOrigin()) + _matrix(reference) @ ((np.asarray(reference.GetSize()) - 1) / 2.0)
     origin = centre - direction @ (step * (size - 1) / 2.0)
     grid = sitk.Image([int(n) for n in size], sitk.sitkFloat32)
     grid.SetSpacing(step.tolist())

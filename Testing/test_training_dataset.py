@@ -9,6 +9,7 @@ import SimpleITK as sitk
 import torch
 
 from DeepSalRegLib.errors import InputError
+from DeepSalRegLib.networks import PRESETS
 from training import export_model, make_dataset
 from training.config import load_config
 from pathlib import Path
@@ -152,7 +153,7 @@ def test_config_overrides_and_errors(tmp_path):
 @pytest.mark.parametrize("name", sorted(p.stem for p in CONFIGS.glob("*.yaml")))
 def test_shipped_configs_are_valid(name):
     config = load_config(CONFIGS / f"{name}.yaml")
-    assert config["model"]["preset"] in ("modern-2d", "modern-3d", "thesis-2d")
+    assert config["model"]["preset"] in PRESETS
 
 
 def test_intra_inter_and_atlas_pairs(tmp_path):

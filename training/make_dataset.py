@@ -40,7 +40,7 @@ if __package__ in (None, ""):  # run as a script from a checkout
 import numpy as np
 import SimpleITK as sitk
 
-from DeepSalRegLib import io
+from DeepSalRegLib import geometry, io
 from DeepSalRegLib.errors import DeepSalRegError, InputError
 from DeepSalRegLib.geometry import as_scalar_image, normalise_intensity, resample_onto
 from training.datasets import PAIR_KINDS, DatasetWriter
@@ -208,19 +208,9 @@ def _load(source: Source, nd: int):
 
 
 def centred_grid(image: sitk.Image, shape, spacing) -> sitk.Image:
-    """Grid of array ``shape`` and ``spacing`` with the image's direction, centred on the image."""
-    nd = image.GetDimension()
-    size = np.array(list(reversed(shape)), dtype=float)
-    step = np.asarray(spacing, dtype=float)
-    direction = np.array(image.GetDirection()).reshape(nd, nd)
-    matrix = direction @ np.diag(image.GetSpacing())
-    centre = np.asarray(image.GetOrigin()) + matrix @ ((np.asarray(image.GetSize()) - 1) / 2.0)
-    origin = centre - direction @ (step * (size - 1) / 2.0)
-    grid = sitk.Image([int(n) for n in size], sitk.sitkFloat32)
-    grid.SetSpacing(step.tolist())
-    grid.SetDirection(direction.ravel().tolist())
-    grid.SetOrigin(origin.tolist())
-    return grid
+    """Grid of array ``shape`` and ``spacing`` with the image's direction, centred on the image
+    (``geometry.centred_grid``, which takes the ITK size)."""
+    return geometry.centred_grid(image, list(reversed(shape)), spacing)
 
 
 def choose_grid(sources: list[Source], nd: int, spacing, shape, multiple: int, max_voxels: int):
@@ -244,12 +234,8 @@ def choose_grid(sources: list[Source], nd: int, spacing, shape, multiple: int, m
             raise InputError(f"--shape has {len(shape)} values but the images are {nd}D.")
         return tuple(int(n) for n in shape), step
     extent = np.max([np.asarray(size) * np.asarray(sp) for size, sp in headers], axis=0)
-    while True:
-        n = np.ceil(extent / step - 1e-6).astype(int)
-        n = np.maximum(multiple, multiple * np.ceil(n / multiple).astype(int))
-        if np.prod(n, dtype=float) <= max_voxels or np.all(n <= multiple):
-            return tuple(int(v) for v in reversed(n)), step
-        step = step * 1.05
+    n, step = geometry.grid_size(extent, step, multiple, max_voxels)  # the working grid's rule
+    return tuple(int(v) for v in reversed(n)), step
 
 
 def assign_splits(subjects: list[str], val_fraction: float, seed: int, known: dict | None = None) -> dict:

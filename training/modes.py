@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import torch
 
 from DeepSalRegLib.errors import InputError
@@ -52,19 +53,20 @@ def multiscale_endpoint_error(flows: list, truth: torch.Tensor) -> torch.Tensor:
 
 
 def dice_score(fixed_labels: torch.Tensor, warped_labels: torch.Tensor, max_labels: int = 64) -> torch.Tensor:
-    """Mean Dice over the non-zero labels of the fixed label map, per sample: ``(B,)``."""
+    """Mean Dice over the non-zero labels of the fixed label map, per sample: ``(B,)`` (NaN without labels).
+
+    Validation only (not differentiable): each sample is scored by ``DeepSalRegLib.metrics.dice_per_label``,
+    the one Dice of the project.
+    """
+    from DeepSalRegLib.metrics import dice_per_label
+
     scores = []
     for f, w in zip(fixed_labels, warped_labels):
-        values = [v for v in torch.unique(f).tolist() if v != 0][:max_labels]
-        if not values:
-            scores.append(torch.tensor(float("nan")))
-            continue
-        per = []
-        for v in values:
-            a, b = f == v, w == v
-            per.append(2.0 * (a & b).sum() / (a.sum() + b.sum()).clamp_min(1))
-        scores.append(torch.stack(per).float().mean())
-    return torch.stack(scores)
+        f_np, w_np = f.detach().cpu().numpy(), w.detach().cpu().numpy()
+        values = [v for v in np.unique(f_np).tolist() if v != 0][:max_labels]
+        per = dice_per_label(f_np, w_np, values)
+        scores.append(float(np.mean(list(per.values()))) if per else float("nan"))
+    return torch.tensor(scores, dtype=torch.float32)
 
 
 def _augmentation(data: dict) -> Augmentation:
