@@ -33,8 +33,6 @@ class QualityPreset:
             (``optimise.velocity_grid``): 2 halves the cost of a step and was as accurate on the benchmark.
         affine_tolerance: the affine stage's level stops once its loss improved by less than this per window.
         max_steps_finest: most steps at full resolution (None: ``max_steps``).
-        levels_after_network: the refinement's pyramid when the network's field was kept (None: the full
-            pyramid 1/8 .. 1/1, as without a network): the network has already found the coarse motion.
     """
 
     name: str
@@ -44,7 +42,6 @@ class QualityPreset:
     velocity_factor: int = 2
     affine_tolerance: float = 5e-4
     max_steps_finest: int | None = None
-    levels_after_network: tuple | None = None
 
 
 PRESETS = {

@@ -376,11 +376,7 @@ def register(
     refinement = dict(quality=settings.name if iterations is None else None, levels=[], steps=[], seconds=[])
     if iterations != 0:
         report(0.15, "refining" + (f" ({iterations} iterations)" if iterations else f" ({settings.name})"))
-        levels = (8, 4, 2, 1)
-        if network_kept and settings.levels_after_network:
-            levels = settings.levels_after_network
-        refinement["pyramid"] = list(levels)
-        flow = stages.refine(pair, flow, iterations, settings, use_jsm, levels=levels,
+        flow = stages.refine(pair, flow, iterations, settings, use_jsm,
                              deadline=None if time_budget is None else t_start + float(time_budget), stats=refinement,
                              progress=lambda frac, msg: report(0.15 + 0.75 * frac, msg))
     lap("optimise")
@@ -393,7 +389,7 @@ def register(
     disp, transform, det = out.displacement, out.transform, out.determinant
     # NCC of the written warped image against the fixed image, on the grid of the written field (the fixed
     # grid, or the working grid for a very large fixed image), over the fixed image's region there
-    field_grid = fixed_img if disp.GetSize() == fixed_img.GetSize() else grid
+    field_grid = out.field_grid
     fixed_there = sitk.GetArrayFromImage(geometry.resample_onto(fixed_img, field_grid))
     ncc_before = _ncc(fixed_there, sitk.GetArrayFromImage(geometry.resample_onto(moving_img, field_grid)), out.fixed_region)
     ncc_after = _ncc(fixed_there, sitk.GetArrayFromImage(geometry.resample_onto(out.warped, field_grid)), out.fixed_region)

@@ -46,6 +46,7 @@ import SimpleITK as sitk
 from . import synthetic
 from .datasets import _shrink, _write
 from .missing_correspondence import _site
+from .report import _f
 
 __all__ = ["prepare", "summarise", "KINDS", "RADII_MM", "mass_effect", "main"]
 
@@ -59,10 +60,7 @@ def _radial_field(reference: sitk.Image, centre, radius: float, kind: str) -> si
     """``S(q) - q`` on ``reference``'s grid (physical, vector float64): the moving -> source radial motion."""
     nd = reference.GetDimension()
     shape = tuple(reversed(reference.GetSize()))
-    index = np.indices(shape).reshape(nd, -1)[::-1].T
-    direction = np.array(reference.GetDirection()).reshape(nd, nd)
-    q = np.asarray(reference.GetOrigin()) + (index * np.asarray(reference.GetSpacing())) @ direction.T
-    offset = q - np.asarray(centre, dtype=float)
+    offset = synthetic.physical_points(reference) - np.asarray(centre, dtype=float)
     rho = np.linalg.norm(offset, axis=1)
     if kind == "resection":
         inner = 0.7 * radius
@@ -98,11 +96,7 @@ def mass_effect(source: sitk.Image, field: sitk.Image, kind: str, centre, radius
     moved = synthetic.deform(source, s)  # M(q) = I(S(q))
     m = sitk.GetArrayFromImage(moved).astype(np.float32)
     shape = m.shape
-    nd = source.GetDimension()
-    index = np.indices(shape).reshape(nd, -1)[::-1].T
-    direction = np.array(source.GetDirection()).reshape(nd, nd)
-    q = np.asarray(source.GetOrigin()) + (index * np.asarray(source.GetSpacing())) @ direction.T
-    rho = np.linalg.norm(q - np.asarray(centre, dtype=float), axis=1).reshape(shape)
+    rho = np.linalg.norm(synthetic.physical_points(source) - np.asarray(centre, dtype=float), axis=1).reshape(shape)
     noise = rng.standard_normal(shape).astype(np.float32)
     noise = sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(sitk.GetImageFromArray(noise), 1.0))
     noise /= max(float(np.abs(noise).max()), 1e-6)
@@ -233,10 +227,6 @@ def row_label(row: dict) -> str:
         return row["method"]
     path = Path(model)
     return f"{row['method']} [{path.parent.name if path.suffix == '.pt' else model}]"
-
-
-def _f(value, fmt="{:.2f}"):
-    return "-" if value is None or (isinstance(value, float) and np.isnan(value)) else fmt.format(value)
 
 
 def targets(summary: list[dict]) -> list[dict]:

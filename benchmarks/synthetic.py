@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import SimpleITK as sitk
 
-__all__ = ["random_smooth_field", "deform", "alteration_mask", "alter", "ALTERATIONS"]
+__all__ = ["random_smooth_field", "deform", "physical_points", "alteration_mask", "alter", "ALTERATIONS"]
 
 ALTERATIONS = ("lesion", "removal", "contrast")
 
@@ -61,14 +61,19 @@ def deform(image: sitk.Image, field: sitk.Image, labels: bool = False, default: 
     return sitk.Resample(image, field, _transform(field), interpolator, default, image.GetPixelID())
 
 
-def alteration_mask(reference: sitk.Image, centre, radius: float) -> sitk.Image:
-    """Soft ball (1 inside, smooth 0..1 edge of width ``radius/4``, 0 outside) around a physical ``centre``."""
+def physical_points(reference: sitk.Image) -> np.ndarray:
+    """Physical coordinates of every voxel of ``reference``: ``(N, nd)`` (x, y[, z]), in array (C) order."""
     nd = reference.GetDimension()
     shape = tuple(reversed(reference.GetSize()))
     index = np.indices(shape).reshape(nd, -1)[::-1].T  # ITK index order (x, y[, z])
     direction = np.array(reference.GetDirection()).reshape(nd, nd)
-    physical = np.asarray(reference.GetOrigin()) + (index * np.asarray(reference.GetSpacing())) @ direction.T
-    dist = np.linalg.norm(physical - np.asarray(centre, dtype=float), axis=1)
+    return np.asarray(reference.GetOrigin()) + (index * np.asarray(reference.GetSpacing())) @ direction.T
+
+
+def alteration_mask(reference: sitk.Image, centre, radius: float) -> sitk.Image:
+    """Soft ball (1 inside, smooth 0..1 edge of width ``radius/4``, 0 outside) around a physical ``centre``."""
+    shape = tuple(reversed(reference.GetSize()))
+    dist = np.linalg.norm(physical_points(reference) - np.asarray(centre, dtype=float), axis=1)
     edge = max(radius / 4.0, 1e-6)
     soft = np.clip((radius - dist) / edge + 0.5, 0.0, 1.0).reshape(shape)
     out = sitk.GetImageFromArray(soft.astype(np.float32))
