@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .warp import jacobian_determinant, spatial_dims
+from .warp import jacobian_determinant, resize_field, spatial_dims
 
 __all__ = [
     "box_mean",
@@ -23,6 +23,8 @@ __all__ = [
     "jsm_weight",
     "smoothness",
     "negative_jacobian_penalty",
+    "end_point_error_loss",
+    "multiscale_end_point_error_loss",
     "RegistrationLoss",
 ]
 
@@ -163,6 +165,27 @@ def smoothness(field: torch.Tensor, kind: str = "diffusion", reduction: str = "m
 def negative_jacobian_penalty(field: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
     """Mean of ``relu(margin - det J)``: zero unless the field folds (or compresses below ``margin``)."""
     return F.relu(margin - jacobian_determinant(field)).mean()
+
+
+def end_point_error_loss(pred: torch.Tensor, truth: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean end-point error ``|u_pred - u_true|_2`` (voxels) of ``(B, nd, *S)`` fields, inside ``mask``:
+    the supervised term of training (differentiable; ``metrics.end_point_error`` is the evaluation metric)."""
+    err = torch.sqrt(((pred - truth) ** 2).sum(dim=1, keepdim=True) + 1e-12)
+    if mask is None:
+        return err.mean()
+    mask = mask.to(err.dtype).expand_as(err)
+    return (err * mask).sum() / mask.sum().clamp_min(1e-8)
+
+
+def multiscale_end_point_error_loss(flows: list, truth: torch.Tensor) -> torch.Tensor:
+    """Mean over the global network's coarser fields of their EPE against the true field resized to them.
+
+    FlowNet-style deep supervision: each coarse field (in voxels of its own, coarser grid) is compared with
+    ``resize_field(truth)``, which rescales the magnitudes, so coarser levels weigh less. The fields live on
+    the padded grid; training crops are multiples of the network's stride, where padded == image grid.
+    """
+    losses = [end_point_error_loss(f.float(), resize_field(truth, f.shape[2:])) for f in flows]
+    return torch.stack(losses).mean()
 
 
 class RegistrationLoss(nn.Module):

@@ -55,8 +55,11 @@ def _gaussian_kernel1d(sigma: float, dtype, device) -> torch.Tensor:
 def gaussian_smooth(t: torch.Tensor, sigma: float, padding: str = "zeros") -> torch.Tensor:
     """Separable Gaussian smoothing (``sigma`` in voxels) of every channel of ``(B, C, *S)``.
 
-    ``padding``: ``"zeros"`` (as the thesis, for the structure tensor) or ``"replicate"`` (for fields).
+    ``padding``: ``"zeros"`` (as the thesis, for the structure tensor) or ``"replicate"`` (for fields and
+    intensities: zeros would darken the edges). ``sigma <= 0`` returns ``t`` unchanged.
     """
+    if sigma <= 0:
+        return t
     nd = spatial_dims(t)
     channels = t.shape[1]
     k = _gaussian_kernel1d(sigma, t.dtype, t.device)
@@ -315,3 +318,4 @@ def _unnormalised_maps_in_slabs(fixed, warped, **options):
         joints.append(joint[:, :, start - lo:stop - lo])
         crosses.append(cross[:, :, start - lo:stop - lo])
     return torch.cat(joints, dim=2), torch.cat(crosses, dim=2)
+

@@ -28,3 +28,19 @@ def test_end_point_error_is_the_length_of_the_difference():
     truth = np.zeros((2, 2, 3))
     truth[0, 0] = [3.0, 4.0, 0.0]
     np.testing.assert_allclose(end_point_error(field, truth), [[5.0, 0.0], [0.0, 0.0]])
+
+
+def test_training_loss_is_the_metric_on_channels_first_fields():
+    """``losses.end_point_error_loss`` ((B, nd, *S) tensors) averages the metric ((*S, nd) arrays)."""
+    import torch
+
+    from DeepSalRegLib.losses import end_point_error_loss
+
+    rng = np.random.default_rng(0)
+    field, truth = rng.normal(size=(5, 6, 3)), rng.normal(size=(5, 6, 3))
+    as_tensor = lambda a: torch.from_numpy(np.moveaxis(a, -1, 0)[None])  # noqa: E731
+    metric = end_point_error(field, truth)
+    assert np.isclose(float(end_point_error_loss(as_tensor(field), as_tensor(truth))), metric.mean(), atol=1e-6)
+    mask = torch.zeros(1, 1, 5, 6)
+    mask[..., :2, :] = 1
+    assert np.isclose(float(end_point_error_loss(as_tensor(field), as_tensor(truth), mask)), metric[:2].mean(), atol=1e-6)

@@ -24,9 +24,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from DeepSalRegLib import io as dio
-
-from . import synthetic
+from . import shared_data, synthetic
 
 __all__ = ["prepare", "DATASETS"]
 
@@ -52,17 +50,6 @@ def _write_points(points: np.ndarray, path: Path) -> str:
         writer.writerow(axes)
         writer.writerows([[repr(float(v)) for v in p] for p in points])
     return str(path)
-
-
-def _grey(image: sitk.Image, channel: int | None = None) -> sitk.Image:
-    """Float32 scalar image: one channel (``channel``) or the luminance of a colour picture."""
-    if image.GetNumberOfComponentsPerPixel() > 1:
-        if channel is not None:
-            image = sitk.VectorIndexSelectionCast(image, channel, sitk.sitkFloat32)
-        else:
-            chans = [sitk.VectorIndexSelectionCast(image, i, sitk.sitkFloat32) for i in range(3)]
-            image = 0.299 * chans[0] + 0.587 * chans[1] + 0.114 * chans[2]
-    return sitk.Cast(image, sitk.sitkFloat32)
 
 
 def _pixels(image: sitk.Image) -> sitk.Image:
@@ -105,45 +92,35 @@ def _case(name, dataset, dim, units, fixed, moving, **extra) -> dict:
 
 def liver(data: Path, work: Path, scale: str) -> list[dict]:
     """ETH 4D-MRI liver: exhale (fixed) vs other breathing states, landmarks inside / outside the liver."""
-    root = data / "eth_liver"
-    rows = list(csv.DictReader(open(root / "pairs.csv")))
+    pairs = shared_data.liver_pairs(data)
     if scale != "full":
-        rows = rows[:1]
+        pairs = pairs[:1]
     shrink = {"full": 1, "quick": 2, "tiny": 3}[scale]
     dsr_spacing = {"full": 3.0, "quick": 3.0, "tiny": 4.0}[scale]
     cases = []
-    for row in rows:
-        name = "liver_" + row["moving"].replace("/", "_").replace(".mha", "")
+    for pair in pairs:
+        name = "liver_" + pair.name
         out = work / "inputs" / name
-        fixed = _shrink(sitk.ReadImage(str(root / row["fixed"]), sitk.sitkFloat32), [shrink, shrink, 1])
-        moving = _shrink(sitk.ReadImage(str(root / row["moving"]), sitk.sitkFloat32), [shrink, shrink, 1])
-        f_pts, _ = dio.read_landmarks(root / row["fixed_landmarks"])
-        m_pts, _ = dio.read_landmarks(root / row["moving_landmarks"])
-        regions = dio.read_landmark_columns(root / row["fixed_landmarks"]).get("region")
+        images = pair.load()
+        fixed, moving = (_shrink(images[k], [shrink, shrink, 1]) for k in ("fixed", "moving"))
         cases.append(_case(
             name, "liver", 3, "mm", _write(fixed, out / "fixed.mha"), _write(moving, out / "moving.mha"),
-            fixed_landmarks=_write_points(f_pts, out / "fixed_landmarks.csv"),
-            moving_landmarks=_write_points(m_pts, out / "moving_landmarks.csv"),
-            landmark_regions=regions,
+            fixed_landmarks=_write_points(images["fixed_points"], out / "fixed_landmarks.csv"),
+            moving_landmarks=_write_points(images["moving_points"], out / "moving_landmarks.csv"),
+            landmark_regions=images["landmark_regions"],
             dsr=dict(spacing=dsr_spacing),
             notes=(f"in-plane downsampled x{shrink}" if shrink > 1 else "full resolution")
                   + f"; DeepSalReg working grid {dsr_spacing:g} mm"))
     return cases
 
 
-def _read_labels(path: Path) -> list[int]:
-    return [int(v) for v in path.read_text().split() if v.strip().lstrip("-").isdigit()]
-
-
 def brain(data: Path, work: Path, scale: str) -> list[dict]:
     """Two T1 brains, both directions, Dice over the 30 evaluation labels; downsampled (said in ``notes``)."""
-    root = data / "brain_t1"
     shrink = {"full": 2, "quick": 3, "tiny": 4}[scale]
     dsr_spacing = {"full": 3.0, "quick": 3.0, "tiny": 4.0}[scale]
-    images = {s: _shrink(sitk.ReadImage(str(root / f"subject{s}_t1.nii.gz"), sitk.sitkFloat32), shrink)
-              for s in "AB"}
-    labels = {s: _shrink(sitk.ReadImage(str(root / f"subject{s}_aseg.nii.gz")), shrink, labels=True) for s in "AB"}
-    label_ids = _read_labels(root / "eval_labels.txt")
+    images = {s: _shrink(shared_data.brain_subject(data, s), shrink) for s in "AB"}
+    labels = {s: _shrink(shared_data.brain_subject(data, s, labels=True), shrink, labels=True) for s in "AB"}
+    label_ids = shared_data.brain_label_values(data)
     directions = [("A", "B"), ("B", "A")] if scale == "full" else [("A", "B")]
     cases = []
     for f, m in directions:
@@ -163,21 +140,17 @@ def brain(data: Path, work: Path, scale: str) -> list[dict]:
 
 def prostate(data: Path, work: Path, scale: str) -> list[dict]:
     """PROMISE12 inter-subject pairs of one site (256x256x23), centred, central 160x160 crop; gland Dice."""
-    root = data / "promise12"
     pairs = {"full": [(26, 27), (28, 29)], "quick": [(26, 27)], "tiny": [(26, 27)]}[scale]
     shrink = {"full": 1, "quick": 2, "tiny": 4}[scale]
     dsr_spacing = {"full": 1.5, "quick": 2.0, "tiny": 4.0}[scale]
     cases = []
 
     def load(n, labels=False):
-        path = root / (f"case{n:02d}_prostate.nii.gz" if labels else f"case{n:02d}_t2.nii.gz")
-        image = sitk.ReadImage(str(path)) if labels else sitk.ReadImage(str(path), sitk.sitkFloat32)
+        image = shared_data.prostate_case(data, n, labels)
         size = image.GetSize()
         crop = [min(160, size[0]), min(160, size[1]), size[2]]
         start = [(size[0] - crop[0]) // 2, (size[1] - crop[1]) // 2, 0]
         image = sitk.RegionOfInterest(image, crop, start)
-        if labels:
-            image = sitk.Cast(image > 0, sitk.sitkUInt8)
         return _centred(_shrink(image, [shrink, shrink, 1], labels=labels))
 
     for f, m in pairs:
@@ -196,14 +169,12 @@ def prostate(data: Path, work: Path, scale: str) -> list[dict]:
 
 def hands(data: Path, work: Path, scale: str) -> list[dict]:
     """FAIR hand X-rays: reference R (fixed) and template T (moving), 7 landmarks, pixel units."""
-    root = data / "fair"
-    fixed = _pixels(_grey(sitk.ReadImage(str(root / "hands-R.jpg"))))
-    moving = _pixels(_grey(sitk.ReadImage(str(root / "hands-T.jpg"))))
-    m_pts, f_pts = dio.read_pixel_landmarks_rc(root / "hands_landmarks_pixel_rc.csv", [moving, fixed])
+    images = shared_data.hands_pair(data).load()
     out = work / "inputs" / "hands"
-    return [_case("hands", "hands", 2, "px", _write(fixed, out / "fixed.mha"), _write(moving, out / "moving.mha"),
-                  fixed_landmarks=_write_points(f_pts, out / "fixed_landmarks.csv"),
-                  moving_landmarks=_write_points(m_pts, out / "moving_landmarks.csv"), notes="128x128")]
+    return [_case("hands", "hands", 2, "px", _write(images["fixed"], out / "fixed.mha"),
+                  _write(images["moving"], out / "moving.mha"),
+                  fixed_landmarks=_write_points(images["fixed_points"], out / "fixed_landmarks.csv"),
+                  moving_landmarks=_write_points(images["moving_points"], out / "moving_landmarks.csv"), notes="128x128")]
 
 
 def anhir(data: Path, work: Path, scale: str) -> list[dict]:
@@ -218,8 +189,8 @@ def anhir(data: Path, work: Path, scale: str) -> list[dict]:
     for folder, f_name, m_name in pairs:
         name = f"anhir_{folder}"
         out = work / "inputs" / name
-        f_full = _pixels(_grey(sitk.ReadImage(str(root / folder / f"{f_name}.jpg"))))
-        m_full = _pixels(_grey(sitk.ReadImage(str(root / folder / f"{m_name}.jpg"))))
+        f_full = _pixels(shared_data.grey(sitk.ReadImage(str(root / folder / f"{f_name}.jpg"))))
+        m_full = _pixels(shared_data.grey(sitk.ReadImage(str(root / folder / f"{m_name}.jpg"))))
         f_pts = np.loadtxt(root / folder / f"{f_name}.csv", delimiter=",", skiprows=1, usecols=(1, 2), ndmin=2)
         m_pts = np.loadtxt(root / folder / f"{m_name}.csv", delimiter=",", skiprows=1, usecols=(1, 2), ndmin=2)
         n = min(len(f_pts), len(m_pts))
@@ -237,7 +208,7 @@ def drive_pair(data: Path, number: int, shrink: int, seed: int, max_displacement
     """A DRIVE image with a known smooth deformation: ``(fixed, moving, true field, fixed vessels,
     moving vessels, fixed FOV)``; green channel, pixel units (original pixels)."""
     root = data / "drive" / "training"
-    image = _pixels(_grey(sitk.ReadImage(str(root / f"{number:02d}_image.png")), channel=1))
+    image = _pixels(shared_data.grey(sitk.ReadImage(str(root / f"{number:02d}_image.png")), channel=1))
     vessels = _pixels(sitk.Cast(sitk.ReadImage(str(root / f"{number:02d}_vessels.png")) > 0, sitk.sitkUInt8))
     fov = _pixels(sitk.Cast(sitk.ReadImage(str(root / f"{number:02d}_fov.png")) > 0, sitk.sitkUInt8))
     moving = _shrink(image, shrink)

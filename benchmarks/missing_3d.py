@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from . import synthetic
+from . import shared_data, synthetic
 from .datasets import _shrink, _write
 from .missing_correspondence import _site
 from .report import _f
@@ -134,8 +134,7 @@ def mass_effect(source: sitk.Image, field: sitk.Image, kind: str, centre, radius
 
 
 def _source(data: Path, subject: str, shrink: int, seed: int):
-    image = sitk.ReadImage(str(data / "brain_t1" / f"subject{subject}_t1.nii.gz"), sitk.sitkFloat32)
-    image = _shrink(image, shrink)
+    image = _shrink(shared_data.brain_subject(data, subject), shrink)
     a = sitk.GetArrayFromImage(image)
     foreground = sitk.GetImageFromArray((a > np.percentile(a[a > 0], 5) if (a > 0).any() else a > 0).astype(np.uint8))
     foreground.CopyInformation(image)

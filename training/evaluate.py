@@ -32,9 +32,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 if __package__ in (None, ""):  # run as a script from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -42,6 +40,8 @@ if __package__ in (None, ""):  # run as a script from a checkout
 import numpy as np
 import SimpleITK as sitk
 
+from benchmarks import shared_data
+from benchmarks.shared_data import SharedPair
 from DeepSalRegLib import io
 from DeepSalRegLib.errors import DeepSalRegError, InputError
 from DeepSalRegLib.metrics import dice_per_label as dice_per_label_arrays
@@ -52,17 +52,7 @@ DEFAULT_DATA = REPO.parent / "shared" / "data"
 SUITE_PARTS = ("eth_liver", "brain", "prostate", "hands")
 
 
-@dataclass
-class Case:
-    """One evaluation pair; ``load()`` returns the images, label maps and physical landmarks."""
-
-    dataset: str
-    name: str
-    loader: Callable[[], dict]
-    ndim: int
-
-    def load(self) -> dict:
-        return self.loader()
+Case = SharedPair  # one evaluation pair: dataset, name, ndim and ``load()`` (keys in benchmarks/shared_data.py)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -104,42 +94,15 @@ def shared_suite(root, only=SUITE_PARTS, prostate_pairs: int = 6) -> list[Case]:
         raise InputError(f"unknown suite part(s) {', '.join(sorted(unknown))}; choose from {', '.join(SUITE_PARTS)}.")
     cases = []
     if "eth_liver" in only:
-        base = root / "eth_liver"
-        with open(base / "pairs.csv", newline="") as handle:
-            for row in csv.DictReader(handle):
-                def load(row=row, base=base):  # bind now: `base` is reassigned below
-                    return dict(fixed=_read(base / row["fixed"]), moving=_read(base / row["moving"]),
-                                fixed_points=io.read_landmarks(base / row["fixed_landmarks"], 3)[0],
-                                moving_points=io.read_landmarks(base / row["moving_landmarks"], 3)[0])
-                name = f"{Path(row['fixed']).parent.name}:{Path(row['moving']).stem}"
-                cases.append(Case("eth_liver", name, load, 3))
+        cases += [Case("eth_liver", p.name, p.ndim, p.loader) for p in shared_data.liver_pairs(root)]
     if "brain" in only:
-        base = root / "brain_t1"
-        values = [int(v) for v in (base / "eval_labels.txt").read_text().split()]
-        for f, m in (("A", "B"), ("B", "A")):
-            def load(f=f, m=m, base=base):
-                return dict(fixed=_read(base / f"subject{f}_t1.nii.gz"), moving=_read(base / f"subject{m}_t1.nii.gz"),
-                            fixed_labels=_read(base / f"subject{f}_aseg.nii.gz", True),
-                            moving_labels=_read(base / f"subject{m}_aseg.nii.gz", True), label_values=values)
-            cases.append(Case("brain", f"{f}<-{m}", load, 3))
+        cases += shared_data.brain_pairs(root)
     if "prostate" in only:
-        base = root / "promise12"
-        ids = sorted(p.name.split("_")[0] for p in base.glob("case*_t2.nii.gz"))
-        for a, b in list(zip(ids[:-1], ids[1:]))[:prostate_pairs]:
-            def load(a=a, b=b, base=base):
-                images = dict(fixed=_read(base / f"{a}_t2.nii.gz"), moving=_read(base / f"{b}_t2.nii.gz"),
-                              fixed_labels=_read(base / f"{a}_prostate.nii.gz", True),
-                              moving_labels=_read(base / f"{b}_prostate.nii.gz", True))
-                return _centre_moving(images)
-            cases.append(Case("prostate", f"{a}<-{b}", load, 3))
+        ids = shared_data.prostate_ids(root)
+        for pair in shared_data.prostate_pairs(root, list(zip(ids[:-1], ids[1:]))[:prostate_pairs]):
+            cases.append(Case(pair.dataset, pair.name, pair.ndim, lambda pair=pair: _centre_moving(pair.load())))
     if "hands" in only:
-        base = root / "fair"
-
-        def load(base=base):
-            fixed, moving = _read(base / "hands-R.jpg"), _read(base / "hands-T.jpg")
-            moving_points, fixed_points = io.read_pixel_landmarks_rc(base / "hands_landmarks_pixel_rc.csv", [moving, fixed])
-            return dict(fixed=fixed, moving=moving, fixed_points=fixed_points, moving_points=moving_points)
-        cases.append(Case("hands", "R<-T", load, 2))
+        cases.append(shared_data.hands_pair(root))
     return cases
 
 
@@ -177,7 +140,7 @@ def cases_from_csv(path) -> list[Case]:
             return images
         name = (row.get("name") or "").strip() or f"{Path(row['fixed']).name}<-{Path(row['moving']).name}"
         nd = io.read_image(resolve(row["fixed"])).GetDimension() if k == 0 else cases[0].ndim
-        cases.append(Case((row.get("dataset") or "").strip() or path.stem, name, load, nd))
+        cases.append(Case((row.get("dataset") or "").strip() or path.stem, name, nd, load))
     return cases
 
 
@@ -208,7 +171,7 @@ def cases_from_h5(path, kind="inter", split=None, limit=None) -> list[Case]:
             if fp is not None and mp is not None and fp.shape == mp.shape:
                 out.update(fixed_points=fp, moving_points=mp)
             return out
-        cases.append(Case(Path(path).stem, f"{a}<-{b}", load, data.ndim))
+        cases.append(Case(Path(path).stem, f"{a}<-{b}", data.ndim, load))
     return cases
 
 

@@ -22,34 +22,14 @@ import numpy as np
 import torch
 
 from DeepSalRegLib.errors import InputError
-from DeepSalRegLib.losses import RegistrationLoss
+from DeepSalRegLib.losses import RegistrationLoss, end_point_error_loss, multiscale_end_point_error_loss
 from DeepSalRegLib.networks import PRESETS
-from DeepSalRegLib.warp import resize_field, warp
+from DeepSalRegLib.warp import warp
 
 from .datasets import Augmentation, RealPairs, SyntheticPairs
 from .synthetic import DeformationSettings, IntensitySettings, OutlierSettings
 
-__all__ = ["endpoint_error", "multiscale_endpoint_error", "dice_score", "build_datasets", "Objective"]
-
-
-def endpoint_error(pred: torch.Tensor, truth: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean end-point error ``|u_pred - u_true|_2`` in voxels over ``(B, nd, *S)`` fields (inside ``mask``)."""
-    err = torch.sqrt(((pred - truth) ** 2).sum(dim=1, keepdim=True) + 1e-12)
-    if mask is None:
-        return err.mean()
-    mask = mask.to(err.dtype).expand_as(err)
-    return (err * mask).sum() / mask.sum().clamp_min(1e-8)
-
-
-def multiscale_endpoint_error(flows: list, truth: torch.Tensor) -> torch.Tensor:
-    """Mean over the global network's coarser fields of their EPE against the true field resized to them.
-
-    FlowNet-style deep supervision: each coarse field (in voxels of its own, coarser grid) is compared with
-    ``resize_field(truth)``, which rescales the magnitudes, so coarser levels weigh less. The fields live on
-    the padded grid; training crops are multiples of the network's stride, where padded == image grid.
-    """
-    losses = [endpoint_error(f.float(), resize_field(truth, f.shape[2:])) for f in flows]
-    return torch.stack(losses).mean()
+__all__ = ["dice_score", "build_datasets", "Objective"]
 
 
 def dice_score(fixed_labels: torch.Tensor, warped_labels: torch.Tensor, max_labels: int = 64) -> torch.Tensor:
@@ -147,15 +127,15 @@ class Objective:
         if self.mode == "unsupervised":
             return self.registration(out, fixed)
         parts = {}
-        epe = endpoint_error(out["flow"], batch["flow"])
+        epe = end_point_error_loss(out["flow"], batch["flow"])
         total = self.epe_weight * epe
         parts["epe"] = float(epe.detach())
         if self.epe_coarse_weight:
-            epe_c = endpoint_error(out["flow_coarse"], batch["flow"])
+            epe_c = end_point_error_loss(out["flow_coarse"], batch["flow"])
             total = total + self.epe_coarse_weight * epe_c
             parts["epe_coarse"] = float(epe_c.detach())
         if self.epe_multiscale_weight and out.get("flows_multiscale"):
-            epe_ms = multiscale_endpoint_error(out["flows_multiscale"], batch["flow"])
+            epe_ms = multiscale_end_point_error_loss(out["flows_multiscale"], batch["flow"])
             total = total + self.epe_multiscale_weight * epe_ms
             parts["epe_multiscale"] = float(epe_ms.detach())
         if self.similarity_weight:

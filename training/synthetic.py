@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from DeepSalRegLib.saliency import gaussian_smooth
 from DeepSalRegLib.warp import integrate_velocity, resize_field, warp
 
 __all__ = [
@@ -38,32 +39,6 @@ __all__ = [
 
 def _uniform(generator: torch.Generator, low: float, high: float) -> float:
     return float(low + (high - low) * torch.rand((), generator=generator))
-
-
-def _gaussian_blur(t: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of ``(B, C, *S)`` (zero padding would darken edges: replicate instead)."""
-    if sigma <= 0:
-        return t
-    nd = t.dim() - 2
-    radius = max(1, int(math.ceil(3 * sigma)))
-    x = torch.arange(-radius, radius + 1, dtype=t.dtype, device=t.device)
-    k = torch.exp(-0.5 * (x / sigma) ** 2)
-    k = k / k.sum()
-    conv = F.conv2d if nd == 2 else F.conv3d
-    channels = t.shape[1]
-    for axis in range(nd):
-        shape = [1] * nd
-        shape[axis] = k.numel()
-        weight = k.view(1, 1, *shape).repeat(channels, 1, *([1] * nd))
-        pad = [0, 0] * nd
-        pad[2 * (nd - 1 - axis)] = pad[2 * (nd - 1 - axis) + 1] = min(radius, t.shape[axis + 2] - 1)
-        padded = F.pad(t, pad, mode="replicate")
-        if pad[2 * (nd - 1 - axis)] < radius:  # tiny images: fall back to zero padding for the rest
-            extra = [0, 0] * nd
-            extra[2 * (nd - 1 - axis)] = extra[2 * (nd - 1 - axis) + 1] = radius - pad[2 * (nd - 1 - axis)]
-            padded = F.pad(padded, extra)
-        t = conv(padded, weight, groups=channels)
-    return t
 
 
 @dataclass
@@ -154,7 +129,7 @@ def random_smooth_field(shape, settings: DeformationSettings, generator: torch.G
         coarse = torch.randn(1, nd, *[int(points)] * nd, generator=generator)
         component = F.interpolate(coarse, size=small, mode=mode, align_corners=True)
         # the linear interpolation leaves creases at the control points: smooth them away
-        component = _gaussian_blur(component, 0.25 * min(small) / max(int(points) - 1, 1))
+        component = gaussian_smooth(component, 0.25 * min(small) / max(int(points) - 1, 1), "replicate")
         peak = component.abs().amax().clamp_min(1e-6)
         velocity = velocity + component / peak * amplitude / (2 ** level)
     # amplitudes are in full-resolution voxels: express them in coarse voxels before integrating
@@ -231,12 +206,12 @@ def random_shapes_image(shape, generator: torch.Generator, labels=(4, 12)) -> tu
     # smooth noise made at 1/4 resolution and upsampled: the same shapes at a fraction of the cost
     small = tuple(max(4, n // 4) for n in shape)
     noise = torch.randn(1, k, *small, generator=generator)
-    noise = _gaussian_blur(noise, _uniform(generator, 0.05, 0.12) * min(small))
+    noise = gaussian_smooth(noise, _uniform(generator, 0.05, 0.12) * min(small), "replicate")
     noise = F.interpolate(noise, size=shape, mode="bilinear" if nd == 2 else "trilinear", align_corners=True)
     label_map = noise.argmax(dim=1)  # (1, *S)
     intensities = torch.rand(k, generator=generator)
     image = intensities[label_map].float()
-    image = _gaussian_blur(image.unsqueeze(0), _uniform(generator, 0.3, 1.2))[0]
+    image = gaussian_smooth(image.unsqueeze(0), _uniform(generator, 0.3, 1.2), "replicate")[0]
     image = image + 0.02 * torch.randn(image.shape, generator=generator)
     lo, hi = image.amin(), image.amax()
     image = (image - lo) / (hi - lo).clamp_min(1e-6)
