@@ -21,6 +21,8 @@ __all__ = [
     "mse_similarity",
     "lncc_similarity",
     "jsm_weight",
+    "confidence_weight",
+    "CORRESPONDENCE_RAMP",
     "smoothness",
     "negative_jacobian_penalty",
     "end_point_error_loss",
@@ -132,6 +134,36 @@ def jsm_weight(jsm: torch.Tensor, alpha: float = 0.1) -> torch.Tensor:
     return alpha + (1.0 - alpha) * jsm.detach()
 
 
+#: ``structure_correspondence`` values mapped linearly onto 0..1 by ``confidence_weight`` (below 0.3: no
+#: correspondence, weight 0; above 0.6: full weight). Chosen on the 3D study's subject A at R = 10 / 20 mm
+#: (session 8, NOTES), where the correspondence is 0.10-0.22 in altered regions and 0.67 (before
+#: registration) to 0.99 (aligned) in the rest of the brain.
+CORRESPONDENCE_RAMP = (0.3, 0.6)
+
+
+def confidence_weight(fixed: torch.Tensor, warped: torch.Tensor, alpha: float = 0.1, jsm: torch.Tensor | None = None,
+                      correspondence: bool = True) -> torch.Tensor:
+    """The similarity weight of the refinement (and optionally of training): ``(B, 1, *S)``, detached.
+
+    ``(alpha + (1 - alpha) JSM) * ramp(C)`` with ``C = saliency.structure_correspondence(F, W)`` and ``ramp``
+    the linear map of ``CORRESPONDENCE_RAMP`` onto 0..1: the thesis's JSM weight, switched off where the
+    structure of one image has no counterpart in the other (missing correspondence), so that the alignment
+    there is carried by the regulariser from the surroundings. ``correspondence=False``: the JSM weight
+    alone (the thesis's weighting). ``jsm``: a JSM already computed for this pair.
+    """
+    from .saliency import joint_saliency_map, structure_correspondence
+
+    with torch.no_grad():
+        warped = warped.detach()
+        if jsm is None:
+            jsm = joint_saliency_map(fixed, warped)
+        weight = jsm_weight(jsm, alpha)
+        if correspondence:
+            low, high = CORRESPONDENCE_RAMP
+            weight = weight * ((structure_correspondence(fixed, warped) - low) / (high - low)).clamp(0.0, 1.0)
+    return weight
+
+
 def smoothness(field: torch.Tensor, kind: str = "diffusion", reduction: str = "mean") -> torch.Tensor:
     """Regulariser of a voxel field.
 
@@ -201,6 +233,8 @@ class RegistrationLoss(nn.Module):
         jsm_weight: ``"none"`` (thesis), ``"refined"`` or ``"coarse+refined"``: which data terms are weighted
             by ``alpha + (1 - alpha) * stopgrad(JSM(F, W))``.
         jsm_alpha: the floor ``alpha`` of that weight.
+        correspondence: multiply that weight by the structure-correspondence ramp (``confidence_weight``),
+            as the refinement does; off by default (the shipped models were trained without it).
         coarse_weight: weight of the coarse-field terms (deep supervision of the global network).
         jacobian_weight: weight of the negative-Jacobian penalty.
         reduction: ``"mean"`` or ``"sum"`` (thesis).
@@ -209,7 +243,7 @@ class RegistrationLoss(nn.Module):
 
     def __init__(self, similarity="lncc", gradient_weight=0.0, smoothness="diffusion", smoothness_weight=1.0,
                  jsm_weight="coarse+refined", jsm_alpha=0.1, coarse_weight=0.5, jacobian_weight=0.0,
-                 reduction="mean", jsm_options=None):
+                 reduction="mean", jsm_options=None, correspondence=False):
         super().__init__()
         if similarity not in _SIMILARITIES:
             raise ValueError(f"similarity must be one of {sorted(_SIMILARITIES)}, got {similarity!r}")
@@ -220,6 +254,7 @@ class RegistrationLoss(nn.Module):
         self.jsm_mode, self.jsm_alpha, self.coarse_weight = jsm_weight, jsm_alpha, coarse_weight
         self.jacobian_weight, self.reduction = jacobian_weight, reduction
         self.jsm_options = dict(jsm_options or {})
+        self.correspondence = bool(correspondence)
 
     def _data(self, fixed, warped, weight):
         value = _SIMILARITIES[self.similarity](fixed, warped, weight, self.reduction)
@@ -235,7 +270,10 @@ class RegistrationLoss(nn.Module):
 
                 with torch.no_grad():
                     jsm = joint_saliency_map(fixed, warped.detach(), **self.jsm_options)
-            weight = jsm_weight(jsm, self.jsm_alpha)
+            if self.correspondence:
+                weight = confidence_weight(fixed, warped, self.jsm_alpha, jsm.detach())
+            else:
+                weight = jsm_weight(jsm, self.jsm_alpha)
         if mask is not None:
             weight = mask.float() if weight is None else weight * mask.float()
         return weight

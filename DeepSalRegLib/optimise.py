@@ -1,9 +1,9 @@
 """Instance optimisation: refine a field on one pair at test time (the accuracy dial of ``register``).
 
 Starting from the network's field, a residual is optimised coarse to fine (image pyramid) to minimise a
-joint-saliency-weighted local NCC plus diffusion regularisation and a folding penalty. The JSM weight is
-recomputed (detached) as the alignment improves, so structure present in one image only (missing
-correspondence) does not pull the field. Each level's correction is a stationary velocity integrated by
+confidence-weighted local NCC plus diffusion regularisation and a folding penalty. The weight (JSM weight
+times structure correspondence, ``losses.confidence_weight``) is recomputed (detached) as the alignment
+improves, so structure present in one image only (missing correspondence) does not pull the field. Each level's correction is a stationary velocity integrated by
 scaling and squaring and composed with the current field, so the refinement does not fold space.
 Each level's velocity is Gaussian-smoothed (``velocity_sigma``) before it is integrated: Adam moves every
 voxel's parameter by about the same step whatever its gradient, so an unsmoothed velocity turns noise in
@@ -24,11 +24,11 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .losses import jsm_weight, lncc_similarity, negative_jacobian_penalty, smoothness
-from .saliency import gaussian_smooth, joint_saliency_map
+from .losses import confidence_weight, lncc_similarity, negative_jacobian_penalty, smoothness
+from .saliency import gaussian_smooth
 from .warp import compose, integrate_velocity, resize_field, spatial_dims, warp
 
-#: floor of the refinement's similarity weight ``alpha + (1 - alpha) * JSM`` (``losses.jsm_weight``)
+#: floor of the JSM part ``alpha + (1 - alpha) * JSM`` of the refinement's weight (``losses.confidence_weight``)
 JSM_ALPHA = 0.1
 
 __all__ = ["JSM_ALPHA", "Adam", "Convergence", "downsample", "instance_optimise", "level_factors", "pyramid_levels", "velocity_grid"]
@@ -225,7 +225,9 @@ def instance_optimise(
             similarity counts only where both are set.
         smoothness_weight: weight of the diffusion regulariser (per level voxels).
         jacobian_weight: weight of the negative-Jacobian (folding) penalty.
-        jsm_alpha, use_jsm: the similarity is weighted by ``alpha + (1-alpha) * JSM(F, W)`` when ``use_jsm``.
+        jsm_alpha, use_jsm: when ``use_jsm``, the similarity is weighted by ``losses.confidence_weight(F, W,
+            alpha)``: the JSM weight ``alpha + (1-alpha) * JSM(F, W)`` times the structure-correspondence
+            ramp, ~0 where one image's structure has no counterpart in the other.
         learning_rate, max_learning_rate: initial Adam step at full resolution, in voxels of each level; at
             1/f resolution it is ``min(f * learning_rate, max_learning_rate)``; cosine-annealed to 25 % within
             each level (over its step budget: ``iterations / levels`` or ``convergence.max_steps``).
@@ -234,7 +236,7 @@ def instance_optimise(
             then runs at 1/2 or 1/4 resolution and its correction is interpolated): this keeps a large 3D
             refinement at seconds per 10 steps on a CPU.
         window: LNCC window (voxels).
-        jsm_every: recompute the JSM weight every this many steps.
+        jsm_every: recompute the weight every this many steps.
         velocity_sigma: Gaussian smoothing (voxels of the velocity grid) of the optimised velocity; 0 = none.
         velocity_factor: the velocity lives on a grid this many times coarser than its level
             (``velocity_grid``); 1 = on the level's grid.
@@ -305,8 +307,7 @@ def instance_optimise(
             u = compose(base, c) if diffeomorphic else base + c
             warped = warp(m_l, u)
             if use_jsm and (weight is None or step % jsm_every == 0):
-                with torch.no_grad():
-                    weight = jsm_weight(joint_saliency_map(f_l, warped), jsm_alpha)
+                weight = confidence_weight(f_l, warped, jsm_alpha)
             w = weight if use_jsm else torch.ones_like(f_l)
             if mask_f is not None:
                 w = w * mask_f

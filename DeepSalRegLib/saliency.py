@@ -28,6 +28,7 @@ from .warp import spatial_dims
 
 __all__ = [
     "joint_saliency_map",
+    "structure_correspondence",
     "structure_tensor",
     "deviatoric_features",
     "local_saliency",
@@ -295,6 +296,9 @@ def _unnormalised_maps(fixed, warped, *, sigma, distance, connectivity, spacing,
     return joint, cross_distance(f_fixed, f_warped)
 
 
+#: Grids larger than this get their structure correspondence computed at half resolution.
+_CORRESPONDENCE_VOXELS = 2 ** 18
+
 #: Voxels per slab when a 3D map is computed slab by slab (see ``_unnormalised_maps_in_slabs``).
 _SLAB_VOXELS = 2 ** 19
 
@@ -319,3 +323,52 @@ def _unnormalised_maps_in_slabs(fixed, warped, **options):
         crosses.append(cross[:, :, start - lo:stop - lo])
     return torch.cat(joints, dim=2), torch.cat(crosses, dim=2)
 
+
+
+def structure_correspondence(fixed: torch.Tensor, warped: torch.Tensor, *, sigma: float = 1.0,
+                             region_sigma: float = 1.0, radius: int = 1, floor: float = 0.5,
+                             spacing=None) -> torch.Tensor:
+    """Whether each image's local structure is found in the other one nearby: ``(B, 1, *S)`` in [0, 1].
+
+    Built from the JSM's pieces: ``f`` are the deviatoric features of each image's structure tensor (so
+    ``|f_F(x) - f_W(x)|`` is the JSM's cross distance ``D``). For ``a`` one image's features and ``b`` the
+    other's, ``U_ab(x) = min_n G*|a(x) - b(x + n)| / (G*|a|(x) + floor * mean G*|a|)`` over the offsets
+    ``|n|_inf <= radius`` (voxels) with ``G`` a Gaussian of ``region_sigma`` voxels: 0 where ``a``'s structure
+    appears in ``b`` within ``radius`` (aligned or slightly shifted), ~1 where ``b`` has nothing like it.
+    ``C = 1 - max(U_FW, U_WF)``. Unlike the JSM, ``C`` is ~0 where only one image has structure (a lesion,
+    a cavity's rim, contrast agent, on either side) while ordinary tissue stays ~1; both-flat regions give
+    ~1 (they carry no similarity gradient anyway). Measured on the 3D missing-correspondence study at the
+    true alignment: 0.10-0.22 inside resections, tumours and wiped regions against 0.87-0.99 in the
+    rest of the brain (the JSM weight is 0.7-1.4x as high inside as outside there).
+    """
+    nd = spatial_dims(fixed)
+    if fixed.shape[2:].numel() > _CORRESPONDENCE_VOXELS:
+        # a regional measure: on a grid over 64^3 voxels it is computed at half resolution (27 offsets of
+        # smoothed distances cost 4.8 s at 100^3 on one thread, 0.5 s at 64^3) and interpolated back
+        pool = F.avg_pool2d if nd == 2 else F.avg_pool3d
+        coarse = structure_correspondence(pool(fixed, 2, ceil_mode=True), pool(warped, 2, ceil_mode=True), sigma=sigma,
+                                          region_sigma=region_sigma, radius=radius, floor=floor,
+                                          spacing=None if spacing is None else [2 * s for s in spacing])
+        mode = "bilinear" if nd == 2 else "trilinear"
+        return F.interpolate(coarse, size=fixed.shape[2:], mode=mode, align_corners=False).clamp(0.0, 1.0)
+    f_fixed = deviatoric_features(structure_tensor(fixed, sigma, spacing), nd)
+    f_warped = deviatoric_features(structure_tensor(warped, sigma, spacing), nd)
+    shape = tuple(fixed.shape[2:])
+
+    def regional(t):
+        return gaussian_smooth(t, region_sigma, "replicate")
+
+    def unmatched(a, b):
+        padded = F.pad(b, [radius, radius] * nd, mode="replicate")
+        best = None
+        for offset in itertools.product(range(-radius, radius + 1), repeat=nd):
+            shifted = padded
+            for axis, n in enumerate(offset):
+                shifted = shifted.narrow(axis + 2, radius + n, shape[axis])
+            cost = regional(_distance(a, shifted))
+            best = cost if best is None else torch.minimum(best, cost)
+        size = regional(a.square().sum(dim=1, keepdim=True).sqrt())
+        scale = floor * size.flatten(1).mean(dim=1).view(-1, *([1] * (size.dim() - 1))) + 1e-12
+        return best / (size + scale)
+
+    return (1.0 - torch.maximum(unmatched(f_fixed, f_warped), unmatched(f_warped, f_fixed))).clamp(0.0, 1.0)

@@ -237,7 +237,7 @@ def export(pair: WorkingPair, flow, use_jsm: bool, field_on_fixed_grid: bool, af
     transform a user applies, not for the working-grid field it was interpolated from."""
     import torch
 
-    from .losses import jsm_weight
+    from .losses import confidence_weight
     from .optimise import JSM_ALPHA
     from .saliency import joint_saliency_map
     from .warp import warp
@@ -249,8 +249,11 @@ def export(pair: WorkingPair, flow, use_jsm: bool, field_on_fixed_grid: bool, af
         # large volumes: the displayed JSM is computed at half resolution (8x cheaper in 3D: 0.86 s at 128^3)
         jsm_downsample = 2 if f_t[0, 0].numel() > 2 ** 20 else 1
         jsm = joint_saliency_map(f_t, warped_t, downsample=jsm_downsample)[0, 0].cpu().numpy()
-        # the weight the refinement's similarity had (``instance_optimise``): JSM-based, inside both images
-        weight = jsm_weight(torch.from_numpy(jsm), JSM_ALPHA) if use_jsm else torch.ones(f_t.shape[2:])
+        # the weight the refinement's similarity had (``instance_optimise``), inside both images
+        if use_jsm:
+            weight = confidence_weight(f_t, warped_t, JSM_ALPHA, jsm=torch.from_numpy(jsm)[None, None])[0, 0].cpu()
+        else:
+            weight = torch.ones(f_t.shape[2:])
         weight = weight * torch.from_numpy(pair.fixed.mask.astype(np.float32))
         if m_mask_t is not None:
             weight = weight * warp(m_mask_t, flow)[0, 0].cpu()

@@ -210,3 +210,41 @@ def test_slab_by_slab_3d_map_equals_the_whole_volume_map(monkeypatch, sigma):
     assert len(calls) == 5
     assert torch.allclose(slabs, whole, atol=1e-12, rtol=0)
     assert torch.allclose(grad_slabs, grad_whole, atol=1e-10, rtol=0)
+
+
+def _blob_image(shape, centres, radius, value=1.0):
+    grids = torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in shape], indexing="ij")
+    image = torch.zeros(shape)
+    for centre in centres:
+        distance = sum((g - c) ** 2 for g, c in zip(grids, centre)).sqrt()
+        image = torch.maximum(image, value * torch.sigmoid(2.0 * (radius - distance)))
+    return image[None, None]
+
+
+@pytest.mark.parametrize("nd", [2, 3])
+def test_structure_correspondence_is_low_only_where_one_image_has_structure(nd):
+    """Textured tissue with two shared blobs; the moving image also has a lesion. Correspondence is ~0 on the
+    lesion and ~1 on the shared blobs and on plain tissue, also after a one-voxel shift and whichever image
+    holds the lesion. The confidence weight therefore drops on the lesion, where the JSM weight does not
+    (the JSM's min(S_F, S_W) there is the tissue's own saliency)."""
+    from DeepSalRegLib.losses import confidence_weight, jsm_weight
+    from DeepSalRegLib.saliency import structure_correspondence
+
+    shape = (40,) * nd
+    grids = torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in shape], indexing="ij")
+    tissue = (0.3 + 0.1 * torch.sin(0.9 * grids[0]) * torch.cos(0.7 * grids[1]))[None, None]
+    shared = [(10,) * nd, (10,) + (28,) * (nd - 1)]
+    lesion, plain = (28,) * nd, (28,) + (10,) * (nd - 1)
+    fixed = torch.maximum(tissue, _blob_image(shape, shared, 4.0))
+    moving = torch.maximum(fixed, _blob_image(shape, [lesion], 4.0))
+
+    def at(c_map, centre, r=4):
+        return float(c_map[0, 0][tuple(slice(c - r, c + r + 1) for c in centre)].mean())
+
+    for a, b in ((fixed, moving), (moving, fixed), (fixed, torch.roll(moving, 1, dims=2))):
+        c = structure_correspondence(a, b)
+        assert at(c, lesion) < 0.25, at(c, lesion)
+        assert min(at(c, shared[0]), at(c, shared[1]), at(c, plain)) > 0.8
+    conf, jsm_w = confidence_weight(fixed, moving), jsm_weight(joint_saliency_map(fixed, moving))
+    assert at(conf, lesion) < 0.25 * at(conf, plain)
+    assert at(jsm_w, lesion) > 0.8 * at(jsm_w, plain)

@@ -115,7 +115,8 @@ def show_saliency(scene, saliency, fixed=None, opacity: float = 0.4, threshold: 
 
 #: what the confidence overlay means, for its colour legend and the node's description
 CONFIDENCE_MEANING = ("Alignment confidence: how much the image content drove the deformation here (the weight of "
-                      "the similarity: joint saliency, fields of view, masks). Bright: structure seen in both "
+                      "the similarity: joint saliency, structure found in both images, fields of view, masks). "
+                      "Bright: structure seen in both "
                       "images. Dark: structure in one image only (tumour, resection, contrast agent), flat tissue "
                       "or outside a mask: the deformation there follows its surroundings; check it by eye.")
 
