@@ -136,8 +136,7 @@ def jsm_weight(jsm: torch.Tensor, alpha: float = 0.1) -> torch.Tensor:
 
 #: ``structure_correspondence`` values mapped linearly onto 0..1 by ``confidence_weight`` (below 0.3: no
 #: correspondence, weight 0; above 0.6: full weight). Chosen on the 3D study's subject A at R = 10 / 20 mm
-#: (session 8, NOTES), where the correspondence is 0.10-0.22 in altered regions and 0.67 (before
-#: registration) to 0.99 (aligned) in the rest of the brain.
+#: (session 8, NOTES) and checked on the benchmark's datasets (a softer 0.15 / 0.45 ramp was no better).
 CORRESPONDENCE_RAMP = (0.3, 0.6)
 
 

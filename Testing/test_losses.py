@@ -75,6 +75,10 @@ def test_registration_loss_parts_and_modes():
     assert none_parts["similarity"] != pytest.approx(parts["similarity"])
     with pytest.raises(ValueError):
         RegistrationLoss(jsm_weight="everything")
+    # the refinement's confidence weight in training (opt-in): the data terms are weighted differently
+    total_c, corr_parts = RegistrationLoss(jsm_weight="coarse+refined", correspondence=True)(out, fixed)
+    assert total_c.requires_grad
+    assert corr_parts["similarity"] != pytest.approx(parts["similarity"])
 
 
 @pytest.mark.parametrize("shape,window", [((1, 3, 11, 9), 7), ((2, 2, 5, 13), 3), ((1, 5, 9, 6, 11), 7), ((1, 1, 4, 8, 7), 9)])
