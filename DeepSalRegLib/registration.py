@@ -72,8 +72,9 @@ class RegistrationResult:
         jacobian: Jacobian determinant of ``p -> T(p)`` (<= 0 means folding), on the grid of ``displacement``.
         confidence: the weight the refinement's similarity had at the end (0..1), on the grid of
             ``displacement``: ``losses.confidence_weight`` (``use_jsm``: the JSM weight times the structure
-            correspondence of the two images) inside both fields of view and masks, 0 outside them. Low means: structure in one image only (a lesion, a cavity, contrast agent), flat
-            tissue, or outside a mask: the field there follows its surroundings, not the image content.
+            correspondence of the two images) inside both fields of view and masks, 0 outside them. Low
+            means: structure in one image only (a lesion, a cavity, contrast agent), flat tissue, or outside
+            a mask: the field there follows its surroundings, not the image content.
         timings: seconds per step (``read``, ``resample``, ``affine``, ``network``, ``optimise``, ``export``,
             ``total``).
         metrics: similarity before/after, folding fraction, SD of log-Jacobian, grid and model facts,

@@ -324,16 +324,15 @@ def _unnormalised_maps_in_slabs(fixed, warped, **options):
     return torch.cat(joints, dim=2), torch.cat(crosses, dim=2)
 
 
-
 def structure_correspondence(fixed: torch.Tensor, warped: torch.Tensor, *, sigma: float = 1.0,
                              region_sigma: float = 1.0, radius: int = 1, floor: float = 0.5,
                              spacing=None) -> torch.Tensor:
     """Whether each image's local structure is found in the other one nearby: ``(B, 1, *S)`` in [0, 1].
 
     Built from the JSM's pieces: ``f`` are the deviatoric features of each image's structure tensor (so
-    ``|f_F(x) - f_W(x)|`` is the JSM's cross distance ``D``), each divided by its image's mean feature length
-    (a global contrast difference, e.g. another stain, does not count). For ``a`` one image's features and ``b`` the
-    other's, ``U_ab(x) = min_n G*|a(x) - b(x + n)| / (G*|a|(x) + floor * mean G*|a|)`` over the offsets
+    ``|f_F(x) - f_W(x)|`` is the JSM's cross distance ``D``), each divided by its image's mean feature
+    length (a global contrast difference, e.g. another stain, does not count). For ``a`` one image's
+    features and ``b`` the other's, ``U_ab(x) = min_n G*|a(x) - b(x + n)| / (G*|a|(x) + floor * mean G*|a|)`` over the offsets
     ``|n|_inf <= radius`` (voxels) with ``G`` a Gaussian of ``region_sigma`` voxels: 0 where ``a``'s structure
     appears in ``b`` within ``radius`` (aligned or slightly shifted), ~1 where ``b`` has nothing like it.
     ``C = 1 - max(U_FW, U_WF)``. Unlike the JSM, ``C`` is ~0 where only one image has structure (a lesion,
@@ -352,6 +351,7 @@ def structure_correspondence(fixed: torch.Tensor, warped: torch.Tensor, *, sigma
                                           spacing=None if spacing is None else [2 * s for s in spacing])
         mode = "bilinear" if nd == 2 else "trilinear"
         return F.interpolate(coarse, size=fixed.shape[2:], mode=mode, align_corners=False).clamp(0.0, 1.0)
+
     def features(image):
         """Deviatoric features divided by their mean length: compares the shape of the structure, not the
         global contrast of each image (stains, sequences, bias)."""

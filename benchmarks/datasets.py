@@ -52,14 +52,6 @@ def _write_points(points: np.ndarray, path: Path) -> str:
     return str(path)
 
 
-def _pixels(image: sitk.Image) -> sitk.Image:
-    """Pictures in pixel units: spacing 1, origin 0 (JPEG headers carry arbitrary DPI spacings)."""
-    image = sitk.Image(image)
-    image.SetSpacing([1.0] * image.GetDimension())
-    image.SetOrigin([0.0] * image.GetDimension())
-    return image
-
-
 def _shrink(image: sitk.Image, factor, labels: bool = False) -> sitk.Image:
     """Downsample by integer factors: block averages for intensities, nearest on the same grid for labels."""
     factors = [int(factor)] * image.GetDimension() if np.isscalar(factor) else [int(f) for f in factor]
@@ -189,8 +181,8 @@ def anhir(data: Path, work: Path, scale: str) -> list[dict]:
     for folder, f_name, m_name in pairs:
         name = f"anhir_{folder}"
         out = work / "inputs" / name
-        f_full = _pixels(shared_data.grey(sitk.ReadImage(str(root / folder / f"{f_name}.jpg"))))
-        m_full = _pixels(shared_data.grey(sitk.ReadImage(str(root / folder / f"{m_name}.jpg"))))
+        f_full = shared_data.pixel_units(shared_data.grey(sitk.ReadImage(str(root / folder / f"{f_name}.jpg"))))
+        m_full = shared_data.pixel_units(shared_data.grey(sitk.ReadImage(str(root / folder / f"{m_name}.jpg"))))
         f_pts = np.loadtxt(root / folder / f"{f_name}.csv", delimiter=",", skiprows=1, usecols=(1, 2), ndmin=2)
         m_pts = np.loadtxt(root / folder / f"{m_name}.csv", delimiter=",", skiprows=1, usecols=(1, 2), ndmin=2)
         n = min(len(f_pts), len(m_pts))
@@ -208,9 +200,9 @@ def drive_pair(data: Path, number: int, shrink: int, seed: int, max_displacement
     """A DRIVE image with a known smooth deformation: ``(fixed, moving, true field, fixed vessels,
     moving vessels, fixed FOV)``; green channel, pixel units (original pixels)."""
     root = data / "drive" / "training"
-    image = _pixels(shared_data.grey(sitk.ReadImage(str(root / f"{number:02d}_image.png")), channel=1))
-    vessels = _pixels(sitk.Cast(sitk.ReadImage(str(root / f"{number:02d}_vessels.png")) > 0, sitk.sitkUInt8))
-    fov = _pixels(sitk.Cast(sitk.ReadImage(str(root / f"{number:02d}_fov.png")) > 0, sitk.sitkUInt8))
+    image = shared_data.pixel_units(shared_data.grey(sitk.ReadImage(str(root / f"{number:02d}_image.png")), channel=1))
+    vessels = shared_data.pixel_units(sitk.Cast(sitk.ReadImage(str(root / f"{number:02d}_vessels.png")) > 0, sitk.sitkUInt8))
+    fov = shared_data.pixel_units(sitk.Cast(sitk.ReadImage(str(root / f"{number:02d}_fov.png")) > 0, sitk.sitkUInt8))
     moving = _shrink(image, shrink)
     m_vessels = _shrink(vessels, shrink, labels=True)
     m_fov = _shrink(fov, shrink, labels=True)

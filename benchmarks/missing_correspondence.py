@@ -23,8 +23,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import synthetic
-from .datasets import _pixels, _shrink, _write, drive_pair
-from .shared_data import grey
+from .datasets import _shrink, _write, drive_pair
+from .shared_data import grey, pixel_units
 
 __all__ = ["prepare", "VARIANTS"]
 
@@ -32,7 +32,7 @@ VARIANTS = ("none",) + synthetic.ALTERATIONS
 
 
 def _brain_slice(data: Path, name: str, shrink: int, seed: int):
-    image = _shrink(_pixels(grey(sitk.ReadImage(str(data / "templates" / name)))), shrink)
+    image = _shrink(pixel_units(grey(sitk.ReadImage(str(data / "templates" / name)))), shrink)
     field = synthetic.random_smooth_field(image, 6.0, control_spacing=48.0, seed=seed)
     fixed = synthetic.deform(image, field)
     a = sitk.GetArrayFromImage(fixed)

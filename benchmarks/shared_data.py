@@ -27,7 +27,7 @@ import SimpleITK as sitk
 from DeepSalRegLib import io
 
 __all__ = ["SharedPair", "liver_pairs", "brain_pairs", "brain_subject", "brain_label_values", "prostate_ids",
-           "prostate_case", "prostate_pairs", "hands_pair", "grey"]
+           "prostate_case", "prostate_pairs", "hands_pair", "grey", "pixel_units"]
 
 
 @dataclass
@@ -52,6 +52,14 @@ def grey(image: sitk.Image, channel: int | None = None) -> sitk.Image:
             chans = [sitk.VectorIndexSelectionCast(image, i, sitk.sitkFloat32) for i in range(3)]
             image = 0.299 * chans[0] + 0.587 * chans[1] + 0.114 * chans[2]
     return sitk.Cast(image, sitk.sitkFloat32)
+
+
+def pixel_units(image: sitk.Image) -> sitk.Image:
+    """Pictures in pixel units: spacing 1, origin 0 (JPEG and PNG headers carry arbitrary DPI spacings)."""
+    image = sitk.Image(image)
+    image.SetSpacing([1.0] * image.GetDimension())
+    image.SetOrigin([0.0] * image.GetDimension())
+    return image
 
 
 def _float(path: Path) -> sitk.Image:
@@ -149,10 +157,7 @@ def hands_pair(root: Path) -> SharedPair:
     base = Path(root) / "fair"
 
     def load():
-        fixed, moving = (grey(sitk.ReadImage(str(base / f"hands-{k}.jpg"))) for k in "RT")
-        for image in (fixed, moving):  # pixel units: JPEG headers carry arbitrary DPI spacings
-            image.SetSpacing([1.0, 1.0])
-            image.SetOrigin([0.0, 0.0])
+        fixed, moving = (pixel_units(grey(sitk.ReadImage(str(base / f"hands-{k}.jpg")))) for k in "RT")
         moving_points, fixed_points = io.read_pixel_landmarks_rc(base / "hands_landmarks_pixel_rc.csv", [moving, fixed])
         return dict(fixed=fixed, moving=moving, fixed_points=np.asarray(fixed_points), moving_points=np.asarray(moving_points))
     return SharedPair("hands", "R<-T", 2, load)
