@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from .losses import lncc_similarity
+from .losses import fixed_box_means, lncc_similarity
 from .optimise import Adam, Convergence, downsample, pyramid_levels
 from .warp import identity_grid, spatial_dims, warp
 
@@ -143,9 +143,9 @@ def affine_align(
         scale = [(n - 1) / max(m - 1, 1) for n, m in zip(shape, size)]
         w_mask = downsample(fixed_mask.float(), factor) if fixed_mask is not None else None
         m_mask = downsample(moving_mask.float(), factor) if moving_mask is not None else None
-        return f_l, m_l, scale, w_mask, m_mask
+        return f_l, m_l, scale, w_mask, m_mask, fixed_box_means(f_l, window)
 
-    def loss_at(f_l, m_l, scale, w_mask, m_mask, a, t):
+    def loss_at(f_l, m_l, scale, w_mask, m_mask, f_means, a, t):
         u = affine_field(eye + a, radius * t, f_l.shape[2:], scale)
         warped = warp(m_l, u)
         w = torch.ones_like(f_l)
@@ -153,7 +153,7 @@ def affine_align(
             w = w * w_mask
         if m_mask is not None:
             w = w * warp(m_mask, u)
-        return lncc_similarity(f_l, warped, w, window=window), warped
+        return lncc_similarity(f_l, warped, w, window=window, fixed_means=f_means), warped
 
     # start: the identity or the centre-of-mass translation, whichever aligns better (coarsest level) ...
     coarse = level_inputs(levels[0])

@@ -20,6 +20,7 @@ __all__ = [
     "gradient_magnitude_similarity",
     "mse_similarity",
     "lncc_similarity",
+    "fixed_box_means",
     "jsm_weight",
     "confidence_weight",
     "CORRESPONDENCE_RAMP",
@@ -104,13 +105,26 @@ def box_mean(t: torch.Tensor, window: int) -> torch.Tensor:
     return out / count
 
 
-def lncc_similarity(fixed, warped, weight=None, reduction="mean", window: int = 9):
+def fixed_box_means(fixed: torch.Tensor, window: int = 9) -> torch.Tensor:
+    """``box_mean`` of the fixed image and of its square, ``(B, 2, *S)``: the part of ``lncc_similarity`` that
+    does not change while the moving image is warped; pass it as ``fixed_means`` to skip recomputing it."""
+    with torch.no_grad():
+        return box_mean(torch.cat([fixed, fixed * fixed], dim=1), window)
+
+
+def lncc_similarity(fixed, warped, weight=None, reduction="mean", window: int = 9,
+                    fixed_means: torch.Tensor | None = None):
     """``1 - LNCC^2``-style loss: one minus the squared local normalised cross-correlation (box window).
 
     Returns a value in [0, 1]; 0 for images that are locally affine functions of each other.
+    ``fixed_means``: ``fixed_box_means(fixed, window)`` when the same fixed image is compared many times
+    (an optimisation): the box means of 3 instead of 5 images per call, 2x cheaper (no gradient flows into
+    the fixed image then).
     """
-    means = box_mean(torch.cat([fixed, warped, fixed * warped, fixed * fixed, warped * warped], dim=1), window)
-    mf, mw, mfw, mff, mww = means.unbind(dim=1)
+    if fixed_means is None:
+        fixed_means = box_mean(torch.cat([fixed, fixed * fixed], dim=1), window)
+    mf, mff = fixed_means.unbind(dim=1)
+    mw, mfw, mww = box_mean(torch.cat([warped, fixed * warped, warped * warped], dim=1), window).unbind(dim=1)
     cross = mfw - mf * mw
     var_f = (mff - mf * mf).clamp_min(0)
     var_w = (mww - mw * mw).clamp_min(0)

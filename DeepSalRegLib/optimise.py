@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .losses import confidence_weight, lncc_similarity, negative_jacobian_penalty, smoothness
+from .losses import confidence_weight, fixed_box_means, lncc_similarity, negative_jacobian_penalty, smoothness
 from .saliency import gaussian_smooth
 from .warp import compose, integrate_velocity, resize_field, spatial_dims, warp
 
@@ -280,6 +280,7 @@ def instance_optimise(
         mask_f = downsample(fixed_mask.float(), factor) if fixed_mask is not None else None
         mask_m = downsample(moving_mask.float(), factor) if moving_mask is not None else None
         base = resize_field(field, size)
+        f_means = fixed_box_means(f_l, window)
         v_size = velocity_grid(size, velocity_factor)
         coarser = v_size != tuple(size)
         residual = torch.zeros(1, nd, *v_size, device=fixed.device, requires_grad=True)
@@ -317,7 +318,7 @@ def instance_optimise(
                 w = w * mask_f
             if mask_m is not None:
                 w = w * warp(mask_m, u)
-            similarity = lncc_similarity(f_l, warped, w, window=window)
+            similarity = lncc_similarity(f_l, warped, w, window=window, fixed_means=f_means)
             loss = similarity + smoothness_weight * smoothness(v if diffeomorphic else u, "diffusion")
             if jacobian_weight:
                 loss = loss + jacobian_weight * negative_jacobian_penalty(u, margin=0.05)

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from DeepSalRegLib.losses import (RegistrationLoss, charbonnier_similarity, gradient_magnitude_similarity,
-                                  jsm_weight, lncc_similarity, mse_similarity, negative_jacobian_penalty,
+from DeepSalRegLib.losses import (RegistrationLoss, charbonnier_similarity, fixed_box_means,
+                                  gradient_magnitude_similarity, jsm_weight, lncc_similarity, mse_similarity, negative_jacobian_penalty,
                                   smoothness)
 from DeepSalRegLib.networks import build_model
 from DeepSalRegLib.warp import identity_grid
@@ -25,6 +25,23 @@ def test_lncc_ignores_local_affine_intensity_changes():
     a = _image()
     assert lncc_similarity(a, 3 * a + 2) < 1e-3
     assert mse_similarity(a, 3 * a + 2) > 1
+
+
+@pytest.mark.parametrize("shape", [(40, 36), (20, 18, 16)])
+def test_lncc_with_precomputed_fixed_means_is_the_same_loss_and_gradient(shape):
+    """The refinement and the affine stage pass ``fixed_box_means`` once per level: same value, same gradient."""
+    torch.manual_seed(0)
+    fixed = torch.rand(1, 1, *shape)
+    weight = torch.rand(1, 1, *shape)
+    moving = 0.5 * fixed + 0.5 * torch.rand(1, 1, *shape)
+    grads = []
+    for means in (None, fixed_box_means(fixed, 7)):
+        warped = moving.clone().requires_grad_(True)
+        loss = lncc_similarity(fixed, warped, weight, window=7, fixed_means=means)
+        loss.backward()
+        grads.append((float(loss), warped.grad))
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-6)
+    assert torch.allclose(grads[0][1], grads[1][1], rtol=1e-4, atol=1e-9)
 
 
 def test_weighted_mean_uses_only_weighted_voxels():
