@@ -224,7 +224,9 @@ def instance_optimise(
         iterations: total optimisation steps, split equally over the pyramid levels (coarse levels are
             cheap); ``None``: each level runs until it has converged (``convergence``).
         fixed_mask, moving_mask: optional ``(1, 1, *S)`` masks (moving mask on the moving grid); the
-            similarity counts only where both are set.
+            similarity counts only where both are set. The warped moving mask is not differentiated: with it,
+            moving flat background (LNCC loss 1) out of the moving field of view lowered the weighted mean
+            and the background next to a padded grid border drifted by up to 20 mm.
         smoothness_weight: weight of the diffusion regulariser (per level voxels).
         jacobian_weight: weight of the negative-Jacobian (folding) penalty.
         jsm_alpha, use_jsm: when ``use_jsm``, the similarity is weighted by ``losses.confidence_weight(F, W,
@@ -317,7 +319,7 @@ def instance_optimise(
             if mask_f is not None:
                 w = w * mask_f
             if mask_m is not None:
-                w = w * warp(mask_m, u)
+                w = w * warp(mask_m, u.detach())  # where to compare, not a term to optimise
             similarity = lncc_similarity(f_l, warped, w, window=window, fixed_means=f_means)
             loss = similarity + smoothness_weight * smoothness(v if diffeomorphic else u, "diffusion")
             if jacobian_weight:
