@@ -80,29 +80,33 @@ def gradient_magnitude_similarity(fixed, warped, weight=None, reduction="mean"):
 def box_mean(t: torch.Tensor, window: int) -> torch.Tensor:
     """Mean of every channel of ``(B, C, *S)`` over a centred ``window``-wide box, ignoring the outside.
 
-    Equal to ``avg_pool(t, window, stride=1, padding=window // 2, count_include_pad=False)``, computed as one
-    1-D sum per axis (separable, grouped convolutions): 4x faster than ``avg_pool3d`` at 128^3 and 9x at 40^3
-    with its backward, on a CPU.
+    Equal to ``avg_pool(t, window, stride=1, padding=window // 2, count_include_pad=False)``, computed per axis
+    as a difference of running sums (``cumsum``), whose cost does not depend on the window: with its backward
+    3x faster than grouped 1-D convolutions at 64x64x80 on a CPU (which were 4x faster than ``avg_pool3d``).
+    The running sums are taken in float64 of each channel minus its mean, so that a flat window keeps a variance
+    of 0 (float32 sums over a 600-pixel axis left 1.5e-7, the size of the LNCC's stabiliser); still 1.8x faster.
     """
     nd = spatial_dims(t)
-    conv = F.conv2d if nd == 2 else F.conv3d
-    channels, radius = t.shape[1], window // 2
-    out, count = t, None
+    radius = window // 2
+    offset = t.mean(dim=tuple(range(2, t.dim())), keepdim=True).detach()
+    out, count = (t - offset).double(), None
     for axis in range(nd):
-        shape = [1] * nd
-        shape[axis] = window
-        padding = [0] * nd
-        padding[axis] = radius
-        kernel = torch.ones(channels, 1, *shape, dtype=t.dtype, device=t.device)
-        out = conv(out, kernel, padding=tuple(padding), groups=channels)
-        n = t.shape[axis + 2]
+        dim, n = axis + 2, t.shape[axis + 2]
+        sums = torch.cumsum(out, dim=dim)
+        # the sum over [i - r, i + r] clipped to [0, n - 1] is S[min(i + r, n - 1)] - S[i - r - 1] (0 below 0)
+        last = sums.narrow(dim, n - 1, 1).expand(*[radius if d == dim else k for d, k in enumerate(sums.shape)])
+        upper = torch.cat([sums, last], dim=dim).narrow(dim, radius, n)
+        before = [0] * (2 * nd)
+        before[2 * (nd - 1 - axis)] = radius + 1  # F.pad lists the last axis first
+        lower = F.pad(sums, before).narrow(dim, 0, n)
+        out = upper - lower
         index = torch.arange(n, device=t.device)
         inside = (index + radius).clamp(max=n - 1) - (index - radius).clamp(min=0) + 1
         view = [1] * nd
         view[axis] = n
         inside = inside.to(t.dtype).view(*view)
         count = inside if count is None else count * inside
-    return out / count
+    return (out / count).to(t.dtype) + offset
 
 
 def fixed_box_means(fixed: torch.Tensor, window: int = 9) -> torch.Tensor:

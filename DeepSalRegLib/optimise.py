@@ -148,8 +148,8 @@ def velocity_grid(size, factor: int = 2) -> tuple[int, ...]:
     Every scaling-and-squaring composition samples a ``nd``-channel field with ``grid_sample``, whose
     backward pass dominated a full-resolution step (0.6 s at 80x96x48 on 2 cores, 8 such samples per step).
     The velocity is smooth by construction (Gaussian-smoothed, diffusion-regularised), so it loses little
-    on a 2x coarser grid: integrated there (8x fewer voxels in 3D) and interpolated onto the level, only the
-    composition with the starting field and the warp of the moving image run at the level's resolution.
+    on a 2x coarser grid: integrated there (8x fewer voxels in 3D) and composed with the level's starting field
+    there; only the increment's interpolation and the warp of the moving image run at the level's resolution.
     """
     size = tuple(int(n) for n in size)
     return tuple(-(-n // k) for n, k in zip(size, level_factors(size, factor)))
@@ -242,7 +242,7 @@ def instance_optimise(
             then runs at 1/2 or 1/4 resolution and its correction is interpolated): this keeps a large 3D
             refinement at seconds per 10 steps on a CPU.
         window: LNCC window (voxels).
-        jsm_every: recompute the weight every this many steps.
+        jsm_every: recompute the similarity's weight (confidence and warped moving mask) every this many steps.
         velocity_sigma: Gaussian smoothing (voxels of the velocity grid) of the optimised velocity; 0 = none.
         velocity_factor: the velocity lives on a grid this many times coarser than its level
             (``velocity_grid``); 1 = on the level's grid.
@@ -308,19 +308,33 @@ def instance_optimise(
                 return resize_field(_exp(v, 4 if coarser else 6), grid_size)
             return resize_field(v, grid_size)
 
+        # where the velocity grid is coarser than the level, the composition with the level's starting field
+        # is taken on the velocity grid too and only its increment is interpolated onto the level: the same
+        # field up to the starting field's detail finer than the velocity grid times the (small) correction,
+        # one full-resolution sampling pass fewer per step (-18 % time per pair on the 3D benchmark, as
+        # accurate); the level's result is still composed exactly at full resolution (below)
+        compose_on_velocity_grid = diffeomorphic and coarser
+        base_v = resize_field(base, v_size) if compose_on_velocity_grid else None
         for step in range(steps):
             v = velocity()  # smoothed once per step, used by the warp and the regulariser
-            c = correction_on(v, size)
-            u = compose(base, c) if diffeomorphic else base + c
+            if compose_on_velocity_grid:
+                u = base + resize_field(compose(base_v, _exp(v, 4)) - base_v, size)
+            elif diffeomorphic:
+                u = compose(base, correction_on(v, size))
+            else:
+                u = base + correction_on(v, size)
             warped = warp(m_l, u)
-            if use_jsm and (weight is None or step % jsm_every == 0):
-                weight = confidence_weight(f_l, warped, jsm_alpha, correspondence=factor <= correspondence_max_factor)
-            w = weight if use_jsm else torch.ones_like(f_l)
-            if mask_f is not None:
-                w = w * mask_f
-            if mask_m is not None:
-                w = w * warp(mask_m, u.detach())  # where to compare, not a term to optimise
-            similarity = lncc_similarity(f_l, warped, w, window=window, fixed_means=f_means)
+            if weight is None or step % jsm_every == 0:
+                # the similarity's weight, refreshed every ``jsm_every`` steps: the confidence, the fixed mask and
+                # the warped moving mask (where to compare, not a term to optimise)
+                weight = (confidence_weight(f_l, warped, jsm_alpha, correspondence=factor <= correspondence_max_factor)
+                          if use_jsm else torch.ones_like(f_l))
+                if mask_f is not None:
+                    weight = weight * mask_f
+                if mask_m is not None:
+                    with torch.no_grad():
+                        weight = weight * warp(mask_m, u)
+            similarity = lncc_similarity(f_l, warped, weight, window=window, fixed_means=f_means)
             loss = similarity + smoothness_weight * smoothness(v if diffeomorphic else u, "diffusion")
             if jacobian_weight:
                 loss = loss + jacobian_weight * negative_jacobian_penalty(u, margin=0.05)
