@@ -15,7 +15,7 @@ different appearance (ANHIR rat kidney) the joint-saliency weight led it to a wr
 against 3 px unweighted). It runs on a coarse pyramid (1/8, 1/4, 1/2 resolution, at most 2^17 voxels per
 level): milliseconds to tens of milliseconds per step. The start is the better of the identity and the
 centre-of-mass translation; from it and from rotated copies of it (+/-20 and +/-40 degrees about each axis)
-a few probe steps at 1/8 resolution pick the seed of the pyramid (a local cost alone falls into a wrong
+a few probe steps at 1/8 resolution (all rotations as one batch) pick the seed of the pyramid (a local cost alone falls into a wrong
 optimum for a hand turned by 30 degrees). The result is kept only if its LNCC beats the start's, so the
 stage cannot make a pair worse by its own measure. Where only one image has data (outside its field of
 view, outside a mask) does not count.
@@ -60,7 +60,8 @@ def affine_field(matrix: torch.Tensor, translation: torch.Tensor, shape, scale=N
     """Displacement ``(1, nd, *shape)`` of ``x -> A (x - c) + c + t`` in full-grid voxels.
 
     With ``scale`` (per axis: full-grid voxels per voxel of ``shape``, as ``resize_field``'s align-corners
-    mapping), the field is evaluated on a coarse grid and returned in coarse voxels.
+    mapping), the field is evaluated on a coarse grid and returned in coarse voxels. A batch of maps
+    (``matrix`` ``(K, nd, nd)``, ``translation`` ``(K, nd)``) gives ``(K, nd, *shape)``.
     """
     nd = len(shape)
     scale = torch.ones(nd) if scale is None else torch.as_tensor(scale, dtype=matrix.dtype)
@@ -70,8 +71,8 @@ def affine_field(matrix: torch.Tensor, translation: torch.Tensor, shape, scale=N
     x = identity_grid(shape, matrix.device, matrix.dtype) * scale.view(nd, *([1] * nd))
     p = (x - centre.view(nd, *([1] * nd))).reshape(nd, -1)
     eye = torch.eye(nd, device=matrix.device, dtype=matrix.dtype)
-    u = (matrix - eye) @ p + translation.view(nd, 1)
-    return (u / scale.view(nd, 1)).reshape(1, nd, *shape)
+    u = (matrix - eye) @ p + translation.unsqueeze(-1)
+    return (u / scale.view(nd, 1)).reshape(-1, nd, *shape)
 
 
 def _rotations(nd: int, angles, device, dtype) -> list[torch.Tensor]:
@@ -145,15 +146,19 @@ def affine_align(
         m_mask = downsample(moving_mask.float(), factor) if moving_mask is not None else None
         return f_l, m_l, scale, w_mask, m_mask, fixed_box_means(f_l, window)
 
-    def loss_at(f_l, m_l, scale, w_mask, m_mask, f_means, a, t):
+    def loss_at(f_l, m_l, scale, w_mask, m_mask, f_means, a, t, reduction="mean"):
+        """The LNCC loss of the map ``(I + a, radius t)``; a batch of maps (``a`` ``(K, nd, nd)``) with
+        ``reduction="batch"`` gives the ``(K,)`` losses of all of them in one pass."""
         u = affine_field(eye + a, radius * t, f_l.shape[2:], scale)
-        warped = warp(m_l, u)
-        w = torch.ones_like(f_l)
+        k = u.shape[0]
+        warped = warp(m_l.expand(k, -1, *m_l.shape[2:]), u)
+        w = torch.ones_like(warped)
         if w_mask is not None:
             w = w * w_mask
         if m_mask is not None:
-            w = w * warp(m_mask, u)
-        return lncc_similarity(f_l, warped, w, window=window, fixed_means=f_means), warped
+            w = w * warp(m_mask.expand(k, -1, *m_mask.shape[2:]), u)
+        return lncc_similarity(f_l.expand_as(warped), warped, w, window=window, reduction=reduction,
+                               fixed_means=f_means.expand(k, -1, *f_means.shape[2:])), warped
 
     # start: the identity or the centre-of-mass translation, whichever aligns better (coarsest level) ...
     coarse = level_inputs(levels[0])
@@ -166,19 +171,19 @@ def affine_align(
     # ... then a few steps from each of several rotations (a local cost has local optima for large
     # rotations: a hand turned by 30 degrees); the best one seeds the pyramid
     if start_angles:
-        scored = []
-        for rotation in _rotations(nd, start_angles, dev, dtype):
-            with torch.no_grad():
-                linear.copy_(rotation - eye)
-                shift.copy_(shifts[0])
-            probe = Adam([linear, shift], lr=learning_rate)
-            for _ in range(probe_steps):
-                loss, _ = loss_at(*coarse, linear, shift)
-                loss.backward()
-                probe.step()
-            with torch.no_grad():
-                scored.append((float(loss_at(*coarse, linear, shift)[0]), rotation))
-        best = min(scored, key=lambda item: item[0])[1]
+        # all rotations at once, as a batch: each has its own loss, gradient and (elementwise) Adam state, as
+        # if probed one after the other (at 1/8 resolution a step is mostly fixed overhead: 3.5x faster)
+        rotations = torch.stack(_rotations(nd, start_angles, dev, dtype))
+        probe_linear = (rotations - eye).requires_grad_()
+        probe_shift = shifts[0].expand(len(rotations), nd).clone().requires_grad_()
+        probe = Adam([probe_linear, probe_shift], lr=learning_rate)
+        for _ in range(probe_steps):
+            losses, _ = loss_at(*coarse, probe_linear, probe_shift, reduction="batch")
+            losses.sum().backward()
+            probe.step()
+        with torch.no_grad():
+            scores = loss_at(*coarse, probe_linear, probe_shift, reduction="batch")[0]
+        best = rotations[int(torch.argmin(scores))]
         with torch.no_grad():
             linear.copy_(best - eye)  # the probes' few steps only choose the seed: restart from it
             shift.copy_(shifts[0])

@@ -40,6 +40,13 @@ def charbonnier(x: torch.Tensor, eps: float = CHARBONNIER_EPS) -> torch.Tensor:
 
 
 def _reduce(residual: torch.Tensor, weight: torch.Tensor | None, reduction: str) -> torch.Tensor:
+    """``"mean"`` (weighted), ``"sum"``, or ``"batch"``: the weighted mean of each batch element, ``(B,)``."""
+    if reduction == "batch":
+        dims = tuple(range(1, residual.dim()))
+        if weight is None:
+            return residual.mean(dim=dims)
+        weight = weight.expand_as(residual)
+        return (weight * residual).sum(dim=dims) / weight.sum(dim=dims).clamp_min(1e-8)
     if weight is not None:
         weight = weight.expand_as(residual)
         if reduction == "sum":

@@ -29,6 +29,12 @@ def test_affine_field_is_the_stated_map_in_voxels():
     coarse = affine_field(a, t, (5, 7), scale=[2.0, 2.0])
     assert torch.allclose(coarse[0, :, 1, 5] * 2.0, (a - torch.eye(2)) @ (torch.tensor([2.0, 10.0]) - c) + t, atol=1e-6)
 
+    # a batch of maps (the rotation probes): one field per map, each the map's own
+    b = torch.stack([a, torch.eye(2)])
+    batch = affine_field(b, torch.stack([t, -t]), (9, 13))
+    assert batch.shape == (2, 2, 9, 13)
+    assert torch.allclose(batch[0], u[0]) and torch.allclose(batch[1], affine_field(torch.eye(2), -t, (9, 13))[0])
+
 
 def test_a_known_rotation_scaling_and_shift_is_recovered():
     fixed = _sample_slice()

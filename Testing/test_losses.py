@@ -114,3 +114,14 @@ def test_box_mean_equals_average_pooling_without_the_padding(shape, window):
     index = tuple(n // 3 for n in shape[2:])
     box = tuple(slice(max(0, i - window // 2), i + window // 2 + 1) for i in index)
     assert float(box_mean(t, window)[(0, 0) + index]) == pytest.approx(float(t[(0, 0) + box].mean()), abs=1e-12)
+
+
+def test_lncc_batch_reduction_is_each_elements_own_weighted_mean():
+    """``reduction="batch"`` (the affine stage's rotation probes): element k's loss as if computed alone."""
+    torch.manual_seed(0)
+    fixed, warped = torch.rand(3, 1, 12, 10, 9), torch.rand(3, 1, 12, 10, 9)
+    weight = torch.rand(3, 1, 12, 10, 9)
+    batch = lncc_similarity(fixed, warped, weight, window=5, reduction="batch")
+    alone = torch.stack([lncc_similarity(fixed[k:k + 1], warped[k:k + 1], weight[k:k + 1], window=5) for k in range(3)])
+    assert batch.shape == (3,)
+    assert torch.allclose(batch, alone, atol=1e-6)
