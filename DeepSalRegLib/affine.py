@@ -15,10 +15,10 @@ different appearance (ANHIR rat kidney) the joint-saliency weight led it to a wr
 against 3 px unweighted). It runs on a coarse pyramid (1/8, 1/4, 1/2 resolution, at most 2^17 voxels per
 level): milliseconds to tens of milliseconds per step. The start is the better of the identity and the
 centre-of-mass translation; from it and from rotated copies of it (+/-20 and +/-40 degrees about each axis)
-a few probe steps at 1/8 resolution (all rotations as one batch) pick the seed of the pyramid (a local cost alone falls into a wrong
-optimum for a hand turned by 30 degrees). The result is kept only if its LNCC beats the start's, so the
-stage cannot make a pair worse by its own measure. Where only one image has data (outside its field of
-view, outside a mask) does not count.
+a few probe steps at 1/8 resolution (all rotations as one batch) pick the seed of the pyramid (a local cost
+alone falls into a wrong optimum for a hand turned by 30 degrees). The result is kept only if its LNCC beats
+the start's, so the stage cannot make a pair worse by its own measure. Where only one image has data
+(outside its field of view, outside a mask) does not count.
 """
 from __future__ import annotations
 
