@@ -110,6 +110,7 @@ def affine_align(
     learning_rate: float = 0.02,
     start_angles=(20.0, 40.0),
     probe_steps: int = 15,
+    max_seeds: int = 3,
     convergence: Convergence | None = None,
     progress: Callable[[float, str], None] | None = None,
 ) -> AffineResult:
@@ -125,6 +126,8 @@ def affine_align(
             grid's half extent); cosine-annealed to 10 % within each level.
         start_angles: rotations (degrees, both signs, about each axis in 3D) tried as starting points,
             ``probe_steps`` steps each at the coarsest level, besides no rotation; ``()`` = no probing.
+        max_seeds: the pyramid starts from the best-ranked probe; while its result does not beat the start,
+            from the next-ranked ones, up to this many in all.
         convergence: optional stopping rule: a level ends early once its loss stops improving
             (``Convergence.stop``; its ``max_steps`` is ignored: a level's budget is its share of ``iterations``).
         progress: ``progress(fraction, message)`` callback.
@@ -183,10 +186,10 @@ def affine_align(
             probe.step()
         with torch.no_grad():
             scores = loss_at(*coarse, probe_linear, probe_shift, reduction="batch")[0]
-        best = rotations[int(torch.argmin(scores))]
-        with torch.no_grad():
-            linear.copy_(best - eye)  # the probes' few steps only choose the seed: restart from it
-            shift.copy_(shifts[0])
+        # the probes' few steps only rank the seeds: the pyramid restarts from a seed's rotation
+        seeds = [rotations[int(k)] for k in torch.argsort(scores, stable=True)[:max_seeds]]
+    else:
+        seeds = [eye]
 
     # the yardstick for keeping the result: the cost at the finest level used
     finest = coarse if len(levels) == 1 else level_inputs(levels[-1])
@@ -196,26 +199,45 @@ def affine_align(
     steps_per_level = [max(1, iterations // len(levels))] * len(levels)
     steps_per_level[-1] = max(1, iterations - sum(steps_per_level[:-1]))
     done = 0
-    for index, (factor, steps) in enumerate(zip(levels, steps_per_level)):
-        inputs = coarse if index == 0 else finest if index == len(levels) - 1 else level_inputs(factor)
-        optimiser = Adam([linear, shift], lr=learning_rate, steps=steps, final_fraction=0.1)
-        losses = []
-        for step in range(steps):
-            loss, _ = loss_at(*inputs, linear, shift)
-            loss.backward()
-            optimiser.step()
-            done += 1
-            losses.append(float(loss.detach()))
-            if convergence is not None and convergence.stop(losses, None, steps):
-                break
-            if progress is not None and (step % 10 == 0 or step == steps - 1):
-                progress(done / max(iterations, 1), f"affine pre-alignment (1/{factor} resolution) step {done}")
+
+    def pyramid(seed) -> float:
+        """Optimise from ``seed`` (a rotation) and the start's shift, coarse to fine; the final loss."""
+        nonlocal done
+        with torch.no_grad():
+            linear.copy_(seed - eye)
+            shift.copy_(shifts[0])
+        for index, (factor, steps) in enumerate(zip(levels, steps_per_level)):
+            inputs = coarse if index == 0 else finest if index == len(levels) - 1 else level_inputs(factor)
+            optimiser = Adam([linear, shift], lr=learning_rate, steps=steps, final_fraction=0.1)
+            losses = []
+            for step in range(steps):
+                loss, _ = loss_at(*inputs, linear, shift)
+                loss.backward()
+                optimiser.step()
+                done += 1
+                losses.append(float(loss.detach()))
+                if convergence is not None and convergence.stop(losses, None, steps):
+                    break
+                if progress is not None and (step % 10 == 0 or step == steps - 1):
+                    progress(min(1.0, done / max(iterations, 1)),
+                             f"affine pre-alignment (1/{factor} resolution) step {done}")
+        with torch.no_grad():
+            return float(loss_at(*finest, linear, shift)[0])
+
+    # the best-ranked seed first; the next ones only while the result does not beat the start (a pair whose
+    # probes nearly tie can rank a seed first whose pyramid ends in a worse optimum)
+    best = None
+    for seed in seeds:
+        loss_end = pyramid(seed)
+        if best is None or loss_end < best[0]:
+            best = (loss_end, linear.detach().clone(), shift.detach().clone())
+        if loss_end < loss_start:
+            break
+    loss_end = best[0]
     with torch.no_grad():
-        loss_end = float(loss_at(*finest, linear, shift)[0])
         accepted = loss_end < loss_start
-        if not accepted:
-            linear.copy_(initial[0])
-            shift.copy_(initial[1])
+        linear.copy_(best[1] if accepted else initial[0])
+        shift.copy_(best[2] if accepted else initial[1])
         matrix = (eye + linear).detach()
         translation = (radius * shift).detach()
         field = affine_field(matrix, translation, shape)
