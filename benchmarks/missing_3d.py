@@ -291,6 +291,12 @@ def picture(rows: list[dict], cases: dict, path: Path, variants=("resection", "t
 
     plt = _pyplot()
     ok = [r for r in rows if r.get("ok") and r.get("error_map") and r["dataset"] == "missing3d"]
+    # rows kept by --append from an earlier run keep their numbers, but their error maps live in the
+    # (untracked) work folder of that run: without the map a row is left out of the picture only
+    gone = sorted({row_label(r) for r in ok if not Path(r["error_map"]).is_file()})
+    if gone:
+        print(f"  picture: no error maps on disk for {', '.join(gone)} (an earlier run's work folder); left out")
+    ok = [r for r in ok if Path(r["error_map"]).is_file()]
     chosen = []
     for variant in variants:
         names = sorted({r["case"] for r in ok if r["variant"] == variant}, key=lambda n: float(n.rsplit("_r", 1)[-1]))
