@@ -228,7 +228,6 @@ def test_liver_landmark_error_goes_down(shared_data, tmp_path):
     assert abs(after - result.metrics["tre_after_mm"]) < 0.05
 
 
-
 @pytest.mark.shared_data
 def test_the_refinement_keeps_the_fingers_apart_on_the_hand_radiographs_both_ways(shared_data):
     """FAIR hand radiographs (one turned by ~30 degrees), registered both ways with the default: the refinement
@@ -244,6 +243,7 @@ def test_the_refinement_keeps_the_fingers_apart_on_the_hand_radiographs_both_way
         before = io.target_registration_error(start.transform, fp, mp).mean()
         after = io.target_registration_error(refined.transform, fp, mp).mean()
         assert after < 1.05 * before and after < 3.0, (before, after)
+
 
 def test_a_network_that_worsens_the_alignment_is_not_used(tmp_path):
     """The guard after the network: a field that raises the LNCC loss is dropped (with a warning)."""

@@ -124,7 +124,8 @@ def write_card(name, description, weights, payload, sources, history, train_comm
         "random smooth deformations (with synthetic outliers) of these permissive images (MNI ICBM152 2009a,",
         "Colin27, ANTs templates and slices, ITK / elastix examples; see `../shared/data/README.md`):",
         "",
-        *[f"- `{s}`" for s in sources if not s.startswith("synthetic")],
+        # a file used by several datasets (the same templates at two spacings) is listed once
+        *[f"- `{s}`" for s in dict.fromkeys(s for s in sources if not s.startswith("synthetic"))],
         f"- synthetic shape images: {sum(s.startswith('synthetic') for s in sources)}",
         "",
     ]
