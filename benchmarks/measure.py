@@ -36,14 +36,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 def thread_env(threads: int | None = None) -> dict:
     """Environment that pins torch, OpenMP, BLAS and ITK (ANTs and elastix use ITK's pool) to ``threads``
-    (default: every core), with passive OpenMP waiting."""
+    (default: every core)."""
     threads = int(threads or os.cpu_count() or 1)
     env = dict(os.environ)
     for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"):
         env[key] = str(threads)
-    # Idle OpenMP threads sleep instead of spinning: on a shared (oversubscribed) machine spinning threads
-    # make torch several times slower; on an idle machine the difference is small.
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # How idle OpenMP threads wait is chosen by the child from the load when it starts (the engine's own
+    # rule, DeepSalRegLib.threads, as the command line applies it), so every method gets the same rule.
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return env
 
@@ -103,8 +102,11 @@ def _cuda_peak_mb():
 
 
 def _child() -> None:
+    from DeepSalRegLib.threads import choose_wait_policy
+
+    wait_policy = choose_wait_policy()  # before any method imports torch
     spec = json.loads(sys.stdin.read())
-    out = dict(ok=False)
+    out = dict(ok=False, wait_policy=wait_policy)
     try:
         if spec.get("setup"):
             _resolve(spec["setup"])()

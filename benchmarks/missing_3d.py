@@ -357,7 +357,6 @@ def main(argv=None) -> dict:
     scale = "quick" if args.quick else "full"
     out = args.out or HERE / ("results_missing3d" if scale == "full" else "results_missing3d_quick")
     work = out / "work"
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     t0 = time.time()
     methods = []
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:

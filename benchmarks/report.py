@@ -226,6 +226,14 @@ def targets(rows, summary, scaling_rows, models) -> list[dict]:
     return out
 
 
+def _policies(rows) -> str:
+    """How many accuracy runs spun or slept while waiting (a run whose process found the cores busy sleeps)."""
+    from collections import Counter
+
+    counts = Counter(r.get("wait_policy") or "not recorded" for r in rows)
+    return ", ".join(f"{name} {n}" for name, n in sorted(counts.items())) or "no runs"
+
+
 def _ratios(scaling_rows):
     from .scaling import ratios
 
@@ -241,7 +249,8 @@ def document(info, args, models, conventions, rows, summary, scaling_rows, ratio
         f"{info['platform']}",
         f"- Software: Python {info['python']}, torch {info['torch']}, SimpleITK {info['simpleitk']}, antspyx "
         f"{info['antspyx'] or 'not installed'}, itk-elastix {info['itk_elastix'] or 'not installed'}; "
-        f"{args['threads']} threads for every method (torch, ITK/ANTs/elastix), OMP_WAIT_POLICY=PASSIVE",
+        f"{args['threads']} threads for every method (torch, ITK/ANTs/elastix); OpenMP wait policy chosen "
+        f"from the load as each method's process starts (DeepSalRegLib.threads): {_policies(rows)}",
         f"- Command: `{args['command']}`" + (f" at commit {info['revision']}" if info.get("revision") else ""),
         f"- Trained models used: 2D {models.get(2) or 'none available'}, 3D {models.get(3) or 'none available'}"
         + ("" if models.get(2) and models.get(3) else

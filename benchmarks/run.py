@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from DeepSalRegLib.threads import choose_wait_policy
+
 from . import conventions, datasets, evaluation, missing_correspondence, plots, report, scaling
 from .machine import load_average, machine_info
 from .measure import run_inline, run_isolated
@@ -64,7 +66,7 @@ def run_cases(cases, methods, runner: Runner, work: Path, log=print) -> list[dic
             rep = runner(method, case, outdir)
             row = dict(dataset=case["dataset"], case=case["name"], dim=case["dim"], method=method, ok=bool(rep.get("ok")),
                        units=case.get("units"), case_notes=case.get("notes", ""), load_before=rep["load_before"],
-                       load_after=rep["load_after"])
+                       load_after=rep["load_after"], wait_policy=rep.get("wait_policy"))
             for key in ("source", "variant"):
                 if key in case:
                     row[key] = case[key]
@@ -142,7 +144,7 @@ def main(argv=None) -> dict:
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     iterations = args.iterations if args.iterations is not None else {"full": 100, "quick": 50, "tiny": 5}[scale]
     isolate = not (args.inline or scale == "tiny")
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # also for in-process runs (see measure.thread_env)
+    choose_wait_policy()  # for in-process runs, before torch is imported (children choose their own)
     import torch
 
     torch.set_num_threads(args.threads)

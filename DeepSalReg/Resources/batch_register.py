@@ -30,7 +30,6 @@ its own MRML scene.
 """
 import argparse
 import importlib.util
-import os
 import sys
 from pathlib import Path
 
@@ -157,8 +156,10 @@ def _default_scene():
 def main(argv=None, scene=None, register=None) -> int:
     """Run the batch; ``scene`` and ``register`` are for tests (default: Slicer's scene, the library)."""
     args = parse_arguments(sys.argv[1:] if argv is None else argv)
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see DeepSalRegLib.cli.main (busy machines)
     glue = library()
+    from DeepSalRegLib.threads import choose_wait_policy
+
+    choose_wait_policy()  # before torch is imported (DeepSalRegLib.threads: idle vs busy machines)
     from DeepSalRegLib.errors import DeepSalRegError
 
     try:

@@ -7,11 +7,11 @@ pairs; 130 interrupted. A user error is one line on stderr, never a traceback.
 """
 from __future__ import annotations
 
-import os
 import sys
 import warnings
 
 from ..errors import DeepSalRegError
+from ..threads import choose_wait_policy
 from .commands import EXIT_INTERRUPTED, EXIT_OK
 from .parser import build_parser
 
@@ -23,10 +23,9 @@ def _warning_line(message, category, filename, lineno, file=None, line=None):
 
 
 def main(argv=None) -> int:
-    # OpenMP threads that spin while they wait make a registration many times slower on a busy machine
-    # (2D sample pair with 40 refinement steps, 2 cores, 3 busy processes: 9.8 s spinning, 2.4 s passive,
-    # 1.1 s on an idle machine either way). Set before torch is first imported; the user's value wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # OpenMP threads spin briefly on an idle machine and sleep on a busy one (threads.py: measured both
+    # ways). Chosen before torch is first imported; the user's value wins.
+    choose_wait_policy()
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
