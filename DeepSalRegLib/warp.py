@@ -75,7 +75,29 @@ def warp(image: torch.Tensor, field: torch.Tensor, mode: str = "linear", padding
     sample_mode = "bilinear" if mode == "linear" else "nearest"
     if field.dtype != image.dtype:
         grid = grid.to(image.dtype)
-    return F.grid_sample(image, grid, mode=sample_mode, padding_mode=padding, align_corners=True)
+    return _grid_sample(image, grid, sample_mode, padding)
+
+
+def _grid_sample(image: torch.Tensor, grid: torch.Tensor, mode: str, padding: str) -> torch.Tensor:
+    """``F.grid_sample(..., align_corners=True)``; on a CPU a single image is sampled as one batch entry per
+    thread, each a slab of the output's first axis.
+
+    Why: torch's CPU sampling kernels run batch entries in parallel and each entry on one thread, so a
+    registration (batch 1) sampled on one core. Split into slabs, a warp with its backward ran 1.7-2x faster
+    on 2 cores (3D: 80x64x64 and 16x112x112 images, 40x32x32 fields; 2D: 256^2-1024^2). The image is shared,
+    not copied (an expanded view); the samples are the same, voxel for voxel.
+    """
+    slabs = min(torch.get_num_threads(), grid.shape[1] // 2) if grid.shape[0] == 1 else 1
+    if slabs < 2 or image.device.type != "cpu" or grid.shape[1:-1].numel() < 4096:
+        return F.grid_sample(image, grid, mode=mode, padding_mode=padding, align_corners=True)
+    rows = grid.shape[1]
+    per = -(-rows // slabs)
+    if per * slabs > rows:  # pad the last slab by repeating the last row (its samples are dropped below)
+        grid = torch.cat([grid, grid[:, -1:].expand(1, per * slabs - rows, *grid.shape[2:])], dim=1)
+    out = F.grid_sample(image.expand(slabs, *image.shape[1:]), grid.reshape(slabs, per, *grid.shape[2:]),
+                        mode=mode, padding_mode=padding, align_corners=True)  # (slabs, C, per, ...)
+    out = out.transpose(0, 1).reshape(1, image.shape[1], per * slabs, *out.shape[3:])
+    return out[:, :, :rows] if per * slabs > rows else out
 
 
 def compose(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:

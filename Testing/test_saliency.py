@@ -258,3 +258,32 @@ def test_structure_correspondence_ignores_global_contrast():
     image = _blob_image((48, 48), [(12, 12), (12, 34), (34, 20)], 4.0)
     c = structure_correspondence(image, 0.1 + 0.3 * image)
     assert float(c.min()) > 0.9
+
+
+@pytest.mark.parametrize("nd", [2, 3])
+def test_structure_correspondence_equals_its_definition_evaluated_direction_by_direction(nd):
+    """One smoothed distance map per offset serves both directions; away from the border (where padding
+    decides) the map must equal ``1 - max(U_FW, U_WF)`` with each ``U`` computed on its own."""
+    from DeepSalRegLib.saliency import _distance, gaussian_smooth, structure_correspondence
+
+    shape = (22,) * nd
+    fixed = _blob_image(shape, [(7,) * nd, (14,) + (8,) * (nd - 1)], 3.0)
+    moving = torch.roll(_blob_image(shape, [(7,) * nd, (14,) * nd], 3.0), 1, dims=2)
+
+    def features(image):
+        f = deviatoric_features(structure_tensor(image, 1.0), nd)
+        return f / f.square().sum(dim=1, keepdim=True).sqrt().mean()
+
+    def unmatched(a, b):  # min over the 3^nd offsets n of G * |a(x) - b(x + n)| (b shifted by rolling)
+        costs = [gaussian_smooth(_distance(a, torch.roll(b, [-n for n in offset], dims=list(range(2, 2 + nd)))),
+                                 1.0, "replicate")
+                 for offset in itertools.product((-1, 0, 1), repeat=nd)]
+        size = gaussian_smooth(a.square().sum(dim=1, keepdim=True).sqrt(), 1.0, "replicate")
+        return torch.stack(costs).amin(dim=0) / (size + 0.5 * size.mean() + 1e-12)
+
+    a, b = features(fixed), features(moving)
+    expected = (1 - torch.maximum(unmatched(a, b), unmatched(b, a))).clamp(0, 1)
+    got = structure_correspondence(fixed, moving)
+    inside = (slice(None), slice(None)) + (slice(6, -6),) * nd
+    torch.testing.assert_close(got[inside], expected[inside], rtol=0, atol=1e-5)
+    assert float(got[inside].min()) < 0.5  # the blob only the moving image has is in the compared region

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from DeepSalRegLib.warp import (compose, folding_fraction, identity_grid, integrate_velocity,
-                                jacobian_determinant, resize_field, warp)
+from DeepSalRegLib.warp import (_normalised_sampling_grid, compose, folding_fraction, identity_grid,
+                                integrate_velocity, jacobian_determinant, resize_field, warp)
 
 
 def _smooth_field(shape, amplitude, seed=0):
@@ -131,3 +131,29 @@ def test_errors_are_clear():
         warp(torch.rand(1, 1, 8, 8), torch.zeros(1, 3, 8, 8))
     with pytest.raises(ValueError, match="mode"):
         warp(torch.rand(1, 1, 8, 8), torch.zeros(1, 2, 8, 8), mode="cubic")
+
+
+@pytest.mark.parametrize("shape", [(41, 32, 33), (17, 20, 30), (101, 90), (64, 64)])
+@pytest.mark.parametrize("mode,padding", [("linear", "border"), ("linear", "zeros"), ("nearest", "border")])
+def test_sampling_in_slabs_per_thread_equals_one_sampling_pass_with_its_gradients(shape, mode, padding):
+    """``warp`` samples a single CPU image as one slab per thread (torch runs a batch entry on one thread);
+    the samples and the gradients must be those of one ``grid_sample`` pass, also for uneven slabs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)  # uneven slabs on every shape above
+    try:
+        g = torch.Generator().manual_seed(1)
+        image = torch.randn(1, 2, *[n + 3 for n in shape], generator=g, requires_grad=True)
+        field = (_smooth_field(shape, 4.0) + torch.rand(1, len(shape), *shape, generator=g)).requires_grad_()
+        weights = torch.randn(1, 2, *shape, generator=g)
+        reference = torch.nn.functional.grid_sample(
+            image, _normalised_sampling_grid(field, image.shape[2:]), mode="bilinear" if mode == "linear" else "nearest",
+            padding_mode=padding, align_corners=True)
+        sampled = warp(image, field, mode=mode, padding=padding)
+        torch.testing.assert_close(sampled, reference, rtol=0, atol=0)
+        wrt = [image, field] if mode == "linear" else [image]
+        expected = torch.autograd.grad((reference * weights).sum(), wrt)
+        got = torch.autograd.grad((sampled * weights).sum(), wrt)
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
