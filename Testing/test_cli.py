@@ -330,15 +330,3 @@ def test_console_script_help_has_examples():
     out = subprocess.run([sys.executable, "-m", "DeepSalRegLib.cli", "register", "--help"], capture_output=True,
                          text=True, check=True).stdout
     assert "examples:" in out and "--iterations" in out and "exit codes" in out
-
-
-def test_the_command_line_waits_passively_on_a_busy_machine():
-    """OpenMP threads that spin while waiting made a 2D pair 4x slower with 3 busy processes on 2 cores:
-    the command line asks for passive waiting before torch is imported, unless the user chose otherwise."""
-    code = ("import os, sys; os.environ.pop('OMP_WAIT_POLICY', None); from DeepSalRegLib import cli; "
-            "sys.argv = ['deepsalreg']; cli.main([]); print(os.environ.get('OMP_WAIT_POLICY'))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert out.stdout.strip().splitlines()[-1] == "PASSIVE"
-    env_code = code.replace("os.environ.pop('OMP_WAIT_POLICY', None)", "os.environ['OMP_WAIT_POLICY'] = 'ACTIVE'")
-    out = subprocess.run([sys.executable, "-c", env_code], capture_output=True, text=True, timeout=60)
-    assert out.stdout.strip().splitlines()[-1] == "ACTIVE"
