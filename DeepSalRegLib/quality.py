@@ -7,7 +7,7 @@ itself, level by level, once its loss has stopped improving (``optimise.Converge
 (affine + network only).
 
 What each costs is measured in ``benchmarks/results`` (rows ``deepsalreg-fast``, ``deepsalreg-balanced``,
-``deepsalreg-accurate``; session 10 run); ``README.md``, the descriptions below and the Slicer panel's tooltip
+``deepsalreg-accurate``; session 11 run); ``README.md``, the descriptions below and the Slicer panel's tooltip
 quote those numbers.
 
 This module imports nothing heavy: the Slicer panel reads the names and descriptions without torch.
@@ -45,13 +45,13 @@ class QualityPreset:
 
 
 PRESETS = {
-    "fast": QualityPreset("fast", "short refinement (at most 15 steps per level): 5-7 s per 3D benchmark pair "
+    "fast": QualityPreset("fast", "short refinement (at most 15 steps per level): 2.5-3.5 s per 3D benchmark pair "
                           "on 2 CPU cores", max_steps=15, tolerance=3e-3),
     "balanced": QualityPreset("balanced", "refinement until converged (at most 40 steps per level, 20 at full "
-                              "resolution): the default; 7-9 s per 3D benchmark pair on 2 CPU cores",
+                              "resolution): the default; 3.5-4.5 s per 3D benchmark pair on 2 CPU cores",
                               max_steps=40, tolerance=1e-3, max_steps_finest=20),
     "accurate": QualityPreset("accurate", "longer refinement with a tighter convergence test (at most 80 steps "
-                              "per level, 40 at full resolution) and the affine stage's full step budget; 12-14 s per "
+                              "per level, 40 at full resolution) and the affine stage's full step budget; 5-7 s per "
                               "3D benchmark pair on 2 CPU cores, better on some pairs only",
                               max_steps=80, tolerance=3e-4, max_steps_finest=40, affine_tolerance=0.0),
 }
