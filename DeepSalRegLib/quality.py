@@ -48,7 +48,7 @@ PRESETS = {
     "fast": QualityPreset("fast", "short refinement (at most 15 steps per level): 2.5-3.5 s per 3D benchmark pair "
                           "on 2 CPU cores", max_steps=15, tolerance=3e-3),
     "balanced": QualityPreset("balanced", "refinement until converged (at most 40 steps per level, 20 at full "
-                              "resolution): the default; 3.5-4.5 s per 3D benchmark pair on 2 CPU cores",
+                              "resolution): the default; 3-4 s per 3D benchmark pair on 2 CPU cores",
                               max_steps=40, tolerance=1e-3, max_steps_finest=20),
     "accurate": QualityPreset("accurate", "longer refinement with a tighter convergence test (at most 80 steps "
                               "per level, 40 at full resolution) and the affine stage's full step budget; 5-7 s per "

@@ -377,6 +377,8 @@ def register(
     refinement = dict(quality=settings.name if iterations is None else None, levels=[], steps=[], seconds=[])
     if iterations != 0:
         report(0.15, "refining" + (f" ({iterations} iterations)" if iterations else f" ({settings.name})"))
+        if network_kept:  # the network's large-scale motion; the refinement finds the detail
+            flow = stages.refinement_start(start, flow)
         flow = stages.refine(pair, flow, iterations, settings, use_jsm,
                              deadline=None if time_budget is None else t_start + float(time_budget), stats=refinement,
                              progress=lambda frac, msg: report(0.15 + 0.75 * frac, msg))

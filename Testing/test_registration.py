@@ -272,6 +272,18 @@ def test_a_network_that_worsens_the_alignment_is_not_used(tmp_path):
     assert kept.metrics["ncc_after"] > kept.metrics["ncc_before"]
 
 
+def test_the_shipped_3d_network_improves_on_the_affine_stage_of_the_sample_pair():
+    """The default path (affine + network, no refinement) on the shipped 3D pair (MNI152 <- Colin27): the
+    guard keeps default-3d's field, and it aligns better than the affine stage alone."""
+    fixed, moving = (str(p) for p in SAMPLE_PAIRS["3d"])
+    affine_only = DeepSalRegLib.register(fixed, moving, model="none", iterations=0)
+    network = DeepSalRegLib.register(fixed, moving, iterations=0)
+    assert network.metrics["network_kept"] is True
+    assert network.metrics["ncc_after"] > affine_only.metrics["ncc_after"] + 0.01, (
+        affine_only.metrics["ncc_after"], network.metrics["ncc_after"])
+    assert network.metrics["folding_fraction"] < 1e-3
+
+
 def test_every_quality_recovers_a_known_transform_and_costs_what_its_name_says():
     """No flags = quality balanced: the refinement stops by itself; fast takes fewer steps, accurate more."""
     fixed, moving, true = _known_pair("2d", [0.8, 1.2], None)
@@ -355,3 +367,27 @@ def test_summary_gives_the_affine_stage_in_lps_millimetres(kind, spacing, crop):
     assert np.abs(from_summary - written).max() < 0.05 * min(spacing)
     # ... and it is the true affine up to the registration's error
     np.testing.assert_allclose(matrix, np.asarray(true.GetMatrix()).reshape(len(spacing), -1), atol=0.03)
+
+
+def test_the_refinement_starts_from_the_affine_map_and_the_networks_large_scale_motion():
+    """``stages.refinement_start``: the affine field is kept exactly, a uniform network shift survives the
+    low-pass, a one-voxel checkerboard (small-scale network error) does not; in 2D the start is unfiltered."""
+    import torch
+
+    from DeepSalRegLib import stages
+    from DeepSalRegLib.warp import identity_grid
+
+    shape = (36, 40, 34)
+    grid = identity_grid(shape)[None]
+    affine = 0.05 * (grid - grid.mean(dim=(2, 3, 4), keepdim=True))  # a 5 % scaling about the centre, voxels
+    index_sum = sum(torch.arange(n).view(*[-1 if i == k else 1 for i in range(3)]) for k, n in enumerate(shape))
+    checker = torch.zeros_like(affine)
+    checker[:, 0] = (index_sum % 2 * 2 - 1).float()
+    shift = torch.tensor([1.5, -2.0, 0.5]).view(1, 3, 1, 1, 1)
+    correction = stages.refinement_start(affine, affine + shift + checker) - affine
+    inner = (slice(None), slice(None), slice(12, -12), slice(12, -12), slice(12, -12))  # away from the padding
+    assert float((correction - shift)[inner].abs().max()) < 0.02  # the shift kept, the checkerboard gone
+    assert float((stages.refinement_start(affine, affine + shift) - affine - shift).abs().max()) < 1e-4
+    assert stages.refinement_start(affine, affine) is affine  # no network field: nothing to filter
+    start_2d, network_2d = torch.zeros(1, 2, 16, 16), torch.randn(1, 2, 16, 16)
+    assert stages.refinement_start(start_2d, network_2d) is network_2d  # 2D: unfiltered (NETWORK_START_SIGMA)
