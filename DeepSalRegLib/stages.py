@@ -16,8 +16,8 @@ import SimpleITK as sitk
 from . import geometry
 from .errors import InputError
 
-__all__ = ["GridImage", "WorkingPair", "prepare", "align_affine", "apply_network", "refinement_start", "refine", "export", "physical_affine",
-           "written_transform", "MIN_OVERLAP"]
+__all__ = ["GridImage", "WorkingPair", "prepare", "align_affine", "apply_network", "refinement_start", "refine",
+           "export", "physical_affine", "written_transform", "MIN_OVERLAP", "NETWORK_START_SIGMA"]
 
 #: Least fraction of the fixed image that the moving image must cover in physical space (else: InputError).
 MIN_OVERLAP = 0.01
