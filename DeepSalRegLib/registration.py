@@ -374,7 +374,7 @@ def register(
     lap("network")
 
     # stage 4: refinement (instance optimisation) with the quality preset's convergence stop
-    refinement = dict(quality=settings.name if iterations is None else None, levels=[], steps=[], seconds=[])
+    refinement = dict(quality=settings.name if iterations is None else None, levels=[], steps=[], seconds=[], kept=[])
     if iterations != 0:
         report(0.15, "refining" + (f" ({iterations} iterations)" if iterations else f" ({settings.name})"))
         if network_kept:  # the network's large-scale motion; the refinement finds the detail

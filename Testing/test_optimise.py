@@ -115,3 +115,32 @@ def test_a_passed_deadline_ends_each_level_after_one_step():
     stats = {}
     instance_optimise(fixed, moving, None, None, convergence=Convergence(max_steps=30), stats=stats)
     assert stats["levels"] == [8, 4, 2, 1] and all(1 <= n <= 30 for n in stats["steps"])
+
+
+def test_finer_check_prefers_the_field_that_aligns_the_sharper_images_in_both_directions():
+    from DeepSalRegLib.optimise import _lowers_finer_loss
+    from DeepSalRegLib.warp import warp
+
+    g = torch.Generator().manual_seed(1)
+    fixed = torch.nn.functional.avg_pool2d(torch.rand(1, 1, 96, 96, generator=g), 3, 1, 1)
+    truth = torch.zeros(1, 2, 96, 96)
+    truth[:, 1] = 3.0  # fixed -> moving: 3 voxels along the last axis
+    moving = warp(fixed, -truth)  # so that warp(moving, truth) ~ fixed inside the image
+    zero = torch.zeros_like(truth)
+    for factor in (1, 2):
+        assert _lowers_finer_loss(fixed, moving, zero, truth, factor, None, None, 7)
+        assert not _lowers_finer_loss(fixed, moving, truth, zero, factor, None, None, 7)
+    # the moving mask counts too: with nothing of the moving image inside it there is nothing to prefer
+    assert not _lowers_finer_loss(fixed, moving, zero, truth, 1, None, torch.zeros_like(fixed), 7)
+
+
+def test_every_level_reports_whether_its_correction_was_kept():
+    from DeepSalRegLib.optimise import Convergence, instance_optimise
+
+    g = torch.Generator().manual_seed(0)
+    fixed = torch.nn.functional.avg_pool2d(torch.rand(1, 1, 64, 64, generator=g), 5, 1, 2)
+    moving = torch.roll(fixed, 2, 2)
+    stats = {}
+    field = instance_optimise(fixed, moving, None, None, convergence=Convergence(max_steps=30), stats=stats)
+    assert len(stats["kept"]) == len(stats["levels"]) and stats["kept"][-1]  # the finest level is never judged
+    assert field[0, 0].mean() > 1.0  # the 2-voxel roll is recovered (fixed -> moving: +2 along axis 0)
