@@ -7,7 +7,7 @@ itself, level by level, once its loss has stopped improving (``optimise.Converge
 (affine + network only).
 
 What each costs is measured in ``benchmarks/results`` (rows ``deepsalreg-fast``, ``deepsalreg-balanced``,
-``deepsalreg-accurate``; session 11 run); ``README.md``, the descriptions below and the Slicer panel's tooltip
+``deepsalreg-accurate``; session 13 run); ``README.md``, the descriptions below and the Slicer panel's tooltip
 quote those numbers.
 
 This module imports nothing heavy: the Slicer panel reads the names and descriptions without torch.
@@ -45,7 +45,7 @@ class QualityPreset:
 
 
 PRESETS = {
-    "fast": QualityPreset("fast", "short refinement (at most 15 steps per level): 2.5-3.5 s per 3D benchmark pair "
+    "fast": QualityPreset("fast", "short refinement (at most 15 steps per level): 2.5-3 s per 3D benchmark pair "
                           "on 2 CPU cores", max_steps=15, tolerance=3e-3),
     "balanced": QualityPreset("balanced", "refinement until converged (at most 40 steps per level, 20 at full "
                               "resolution): the default; 3-4 s per 3D benchmark pair on 2 CPU cores",
