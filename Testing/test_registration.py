@@ -232,7 +232,9 @@ def test_liver_landmark_error_goes_down(shared_data, tmp_path):
 def test_the_refinement_keeps_the_fingers_apart_on_the_hand_radiographs_both_ways(shared_data):
     """FAIR hand radiographs (one turned by ~30 degrees), registered both ways with the default: the refinement
     must improve on affine + network, not slide fingers onto their neighbours (with coarse-level steps of 2
-    level voxels, 16 px at 1/8 resolution, the reverse direction ended at 11.4 px against 2.6 without it)."""
+    level voxels, 16 px at 1/8 resolution, the reverse direction ended at 11.4 px against 2.6 without it; from
+    the matching-2d network without the finer-level check, 3.11 px against the network's 2.27). Session 13:
+    2.53 -> 2.13 and 2.27 -> 2.14 px."""
     from benchmarks.shared_data import hands_pair
 
     images = hands_pair(shared_data).load()
@@ -242,7 +244,7 @@ def test_the_refinement_keeps_the_fingers_apart_on_the_hand_radiographs_both_way
         refined = DeepSalRegLib.register(f, m)
         before = io.target_registration_error(start.transform, fp, mp).mean()
         after = io.target_registration_error(refined.transform, fp, mp).mean()
-        assert after < 1.05 * before and after < 3.0, (before, after)
+        assert after < before and after < 2.4, (before, after)
 
 
 def test_a_network_that_worsens_the_alignment_is_not_used(tmp_path):
