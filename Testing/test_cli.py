@@ -330,3 +330,13 @@ def test_console_script_help_has_examples():
     out = subprocess.run([sys.executable, "-m", "DeepSalRegLib.cli", "register", "--help"], capture_output=True,
                          text=True, check=True).stdout
     assert "examples:" in out and "--iterations" in out and "exit codes" in out
+
+
+def test_the_refinement_line_says_which_levels_were_not_kept():
+    from DeepSalRegLib.cli.output import _refinement_line
+
+    line = _refinement_line({"refinement": dict(quality="balanced", levels=[8, 4, 2, 1], steps=[40, 12, 15, 20],
+                                                kept=[False, True, True, True])})
+    assert line == "refinement (quality balanced): 87 steps (1/8: 40 not kept, 1/4: 12, 1/2: 15, 1/1: 20)"
+    # summaries written before the check existed have no 'kept': every level counts as kept
+    assert "not kept" not in _refinement_line({"refinement": dict(quality=None, levels=[2, 1], steps=[5, 5])})

@@ -37,12 +37,16 @@ class _Progress:
 
 
 def _refinement_line(m) -> str:
-    """'refinement: balanced, 112 steps (levels 1/8..1/1: 30, 30, 32, 20)' or 'no refinement'."""
+    """'refinement (quality balanced): 112 steps (1/8: 30 not kept, 1/4: 30, 1/2: 32, 1/1: 20)' or 'no refinement'.
+
+    "not kept": the level's correction did not improve the alignment one level finer and was dropped
+    (``optimise.instance_optimise(finer_check=True)``)."""
     r = m.get("refinement") or {}
     if not r.get("steps"):
         return "no refinement (affine + network only)"
     how = f"quality {r['quality']}" if r.get("quality") else "fixed count"
-    levels = ", ".join(f"1/{f}: {n}" for f, n in zip(r["levels"], r["steps"]))
+    kept = list(r.get("kept") or []) + [True] * len(r["steps"])
+    levels = ", ".join(f"1/{f}: {n}" + ("" if k else " not kept") for f, n, k in zip(r["levels"], r["steps"], kept))
     return f"refinement ({how}): {sum(r['steps'])} steps ({levels})"
 
 
