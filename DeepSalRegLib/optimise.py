@@ -199,12 +199,14 @@ def _lowers_finer_loss(fixed, moving, field, candidate, factor, fixed_mask, movi
     """Whether ``candidate`` has a lower (masked, unweighted) LNCC loss than ``field`` at 1/``factor`` resolution."""
     f_n, m_n = downsample(fixed, factor), downsample(moving, factor)
     size = f_n.shape[2:]
+    mask_f = downsample(fixed_mask.float(), factor) if fixed_mask is not None else None
+    mask_m = downsample(moving_mask.float(), factor) if moving_mask is not None else None
     losses = []
     for u in (field, candidate):
         u = resize_field(u, size)
-        weight = downsample(fixed_mask.float(), factor) if fixed_mask is not None else None
-        if moving_mask is not None:
-            warped_mask = warp(downsample(moving_mask.float(), factor), u)
+        weight = mask_f
+        if mask_m is not None:
+            warped_mask = warp(mask_m, u)
             weight = warped_mask if weight is None else weight * warped_mask
         losses.append(float(lncc_similarity(f_n, warp(m_n, u), weight, window=window)))
     return losses[1] < losses[0]

@@ -23,8 +23,8 @@ __all__ = ["GridImage", "WorkingPair", "prepare", "align_affine", "apply_network
 MIN_OVERLAP = 0.01
 #: Gaussian sigma (working-grid voxels) of the low-pass applied to the network's correction before the
 #: refinement, by dimension: in 3D half a voxel of the refinement's coarsest level (1/8), so the network gives
-#: the large-scale motion and the refinement the detail (``refinement_start``); in 2D none (not yet measured
-#: on the wide 2D set: on the benchmark's pairs hands improved, ANHIR got worse, see NOTES).
+#: the large-scale motion and the refinement the detail (``refinement_start``); in 2D none (sigma 4 measured on
+#: the benchmark's and the wide 2D set in session 12: hands better, ANHIR worse, see NOTES).
 NETWORK_START_SIGMA = {2: 0.0, 3: 4.0}
 
 
