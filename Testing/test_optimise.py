@@ -118,7 +118,7 @@ def test_a_passed_deadline_ends_each_level_after_one_step():
 
 
 def test_finer_check_prefers_the_field_that_aligns_the_sharper_images_in_both_directions():
-    from DeepSalRegLib.optimise import _lowers_finer_loss
+    from DeepSalRegLib.optimise import _finer_loss_change
     from DeepSalRegLib.warp import warp
 
     g = torch.Generator().manual_seed(1)
@@ -127,11 +127,32 @@ def test_finer_check_prefers_the_field_that_aligns_the_sharper_images_in_both_di
     truth[:, 1] = 3.0  # fixed -> moving: 3 voxels along the last axis
     moving = warp(fixed, -truth)  # so that warp(moving, truth) ~ fixed inside the image
     zero = torch.zeros_like(truth)
-    for factor in (1, 2):
-        assert _lowers_finer_loss(fixed, moving, zero, truth, factor, None, None, 7)
-        assert not _lowers_finer_loss(fixed, moving, truth, zero, factor, None, None, 7)
+    for factors in ((1,), (2,), (4, 2, 1)):
+        assert _finer_loss_change(fixed, moving, zero, truth, factors, None, None, 7) < 0
+        assert _finer_loss_change(fixed, moving, truth, zero, factors, None, None, 7) > 0
     # the moving mask counts too: with nothing of the moving image inside it there is nothing to prefer
-    assert not _lowers_finer_loss(fixed, moving, zero, truth, 1, None, torch.zeros_like(fixed), 7)
+    assert not _finer_loss_change(fixed, moving, zero, truth, (1,), None, torch.zeros_like(fixed), 7) < 0
+
+
+def test_finer_check_rejects_a_correction_that_only_the_coarse_scale_likes():
+    """A smooth shift that aligns the blurred images but misaligns their fine texture: the one-level-finer
+    judgement (1/4 for a 1/8 level) says better, the mean over every finer scale says worse (as a coarse level
+    did around resection cavities in the 3D study, session 14)."""
+    from DeepSalRegLib.optimise import _finer_loss_change
+    from DeepSalRegLib.warp import warp
+
+    g = torch.Generator().manual_seed(3)
+    yy, xx = torch.meshgrid(torch.arange(128.0), torch.arange(128.0), indexing="ij")
+    blobs = torch.exp(-((yy - 64) ** 2 + (xx - 60) ** 2) / (2 * 18.0 ** 2))[None, None]
+    texture = torch.nn.functional.avg_pool2d(torch.rand(1, 1, 128, 128, generator=g), 3, 1, 1)
+    fixed = blobs + 0.1 * texture
+    # the moving image: the same texture, but the blob 4 voxels further along the last axis
+    moving = torch.exp(-((yy - 64) ** 2 + (xx - 64) ** 2) / (2 * 18.0 ** 2))[None, None] + 0.1 * texture
+    shift = torch.zeros(1, 2, 128, 128)
+    shift[:, 1] = 4.0  # aligns the blobs, misaligns the texture everywhere
+    zero = torch.zeros_like(shift)
+    assert _finer_loss_change(fixed, moving, zero, shift, (4,), None, None, 7) < 0
+    assert _finer_loss_change(fixed, moving, zero, shift, (4, 2, 1), None, None, 7) > 0
 
 
 def test_every_level_reports_whether_its_correction_was_kept():

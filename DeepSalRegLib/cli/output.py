@@ -39,7 +39,7 @@ class _Progress:
 def _refinement_line(m) -> str:
     """'refinement (quality balanced): 112 steps (1/8: 30 not kept, 1/4: 30, 1/2: 32, 1/1: 20)' or 'no refinement'.
 
-    "not kept": the level's correction did not improve the alignment one level finer and was dropped
+    "not kept": the level's correction did not improve the alignment on the finer scales and was dropped
     (``optimise.instance_optimise(finer_check=True)``)."""
     r = m.get("refinement") or {}
     if not r.get("steps"):
