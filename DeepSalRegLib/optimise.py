@@ -195,26 +195,53 @@ class Convergence:
         return "converged" if previous - latest < self.tolerance else None
 
 
+class _FinerJudge:
+    """Judges a pyramid level's correction by the (masked, unweighted) LNCC loss at every finer resolution.
+
+    ``change(field, candidate, factors)``: the mean over the resolutions 1/``factors`` of the relative loss change
+    ``(loss(candidate) - loss(field)) / loss(field)``; negative when the candidate aligns the pair better across
+    the finer scales. The downsampled images and the current field's losses are kept between calls (the next
+    call judges from the field this one kept: ``accept``), so each call computes the candidate's losses only.
+    """
+
+    def __init__(self, fixed, moving, fixed_mask, moving_mask, window):
+        self.fixed, self.moving, self.fixed_mask, self.moving_mask, self.window = fixed, moving, fixed_mask, moving_mask, window
+        self.images = {}  # factor -> (fixed, moving, fixed mask, moving mask) at 1/factor resolution
+        self.field_losses = {}  # factor -> loss of the current field
+        self.candidate_losses = {}
+
+    def _loss(self, u, factor) -> float:
+        if factor not in self.images:
+            self.images[factor] = (downsample(self.fixed, factor), downsample(self.moving, factor),
+                                   downsample(self.fixed_mask.float(), factor) if self.fixed_mask is not None else None,
+                                   downsample(self.moving_mask.float(), factor) if self.moving_mask is not None else None)
+        f_n, m_n, mask_f, mask_m = self.images[factor]
+        u = resize_field(u, f_n.shape[2:])
+        weight = mask_f
+        if mask_m is not None:
+            warped_mask = warp(mask_m, u)
+            weight = warped_mask if weight is None else weight * warped_mask
+        return float(lncc_similarity(f_n, warp(m_n, u), weight, window=self.window))
+
+    def change(self, field, candidate, factors) -> float:
+        changes = []
+        self.candidate_losses = {}
+        for factor in factors:
+            before = self.field_losses.get(factor)
+            if before is None:
+                before = self.field_losses[factor] = self._loss(field, factor)
+            after = self.candidate_losses[factor] = self._loss(candidate, factor)
+            changes.append((after - before) / max(before, 1e-12))
+        return sum(changes) / len(changes)
+
+    def accept(self):
+        """The judged candidate became the current field."""
+        self.field_losses.update(self.candidate_losses)
+
+
 def _finer_loss_change(fixed, moving, field, candidate, factors, fixed_mask, moving_mask, window) -> float:
-    """How much ``candidate`` changes the (masked, unweighted) LNCC loss of ``field``, judged at each resolution
-    1/``factors`` and averaged: the mean over those resolutions of ``(loss(candidate) - loss(field)) /
-    loss(field)``. Negative when the candidate aligns the pair better across the finer scales."""
-    changes = []
-    for factor in factors:
-        f_n, m_n = downsample(fixed, factor), downsample(moving, factor)
-        size = f_n.shape[2:]
-        mask_f = downsample(fixed_mask.float(), factor) if fixed_mask is not None else None
-        mask_m = downsample(moving_mask.float(), factor) if moving_mask is not None else None
-        losses = []
-        for u in (field, candidate):
-            u = resize_field(u, size)
-            weight = mask_f
-            if mask_m is not None:
-                warped_mask = warp(mask_m, u)
-                weight = warped_mask if weight is None else weight * warped_mask
-            losses.append(float(lncc_similarity(f_n, warp(m_n, u), weight, window=window)))
-        changes.append((losses[1] - losses[0]) / max(losses[0], 1e-12))
-    return sum(changes) / len(changes)
+    """``_FinerJudge.change`` for one judgement."""
+    return _FinerJudge(fixed, moving, fixed_mask, moving_mask, window).change(field, candidate, factors)
 
 
 def instance_optimise(
@@ -281,7 +308,7 @@ def instance_optimise(
         convergence: the stopping rule when ``iterations`` is None (default ``Convergence()``).
         finer_check: keep a level's correction only if it lowers the (masked, unweighted) LNCC loss on average
             over every finer level (the mean of the relative changes at each finer resolution,
-            ``_finer_loss_change``); else that level leaves the field as it was. A coarse level optimises a
+            ``_FinerJudge``); else that level leaves the field as it was. A coarse level optimises a
             blurred image pair whose optimum can lie elsewhere: at 1/8 the fingers of a hand radiograph merge
             and slide onto their neighbours (session 13: judged one level finer, reversed hands 3.11 -> 2.14
             px, DRIVE 23-30 0.31 -> 0.16 px); on the 3D study's brains (a 1/8 grid of ~11 voxels per axis) the
@@ -313,6 +340,7 @@ def instance_optimise(
     total = sum(budget)
     done = 0
     taken, seconds, kept = [], [], []
+    judge = _FinerJudge(fixed, moving, fixed_mask, moving_mask, window) if finer_check else None
     for index, (factor, steps) in enumerate(zip(levels, budget)):
         level_start = time.perf_counter()
         level_deadline = None
@@ -404,8 +432,9 @@ def instance_optimise(
             candidate = compose(field, correction) if diffeomorphic else field + correction
             keep = True
             if finer_check and index < len(levels) - 1:
-                keep = _finer_loss_change(fixed, moving, field, candidate, levels[index + 1:], fixed_mask,
-                                          moving_mask, window) < 0
+                keep = judge.change(field, candidate, levels[index + 1:]) < 0
+                if keep:
+                    judge.accept()
             if keep:
                 field = candidate
             kept.append(keep)

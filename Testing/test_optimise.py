@@ -134,6 +134,26 @@ def test_finer_check_prefers_the_field_that_aligns_the_sharper_images_in_both_di
     assert not _finer_loss_change(fixed, moving, zero, truth, (1,), None, torch.zeros_like(fixed), 7) < 0
 
 
+def test_the_finer_judge_remembers_the_kept_field_losses_exactly():
+    """``_FinerJudge`` reuses the losses of the field it kept; its judgements equal fresh ones."""
+    from DeepSalRegLib.optimise import _FinerJudge, _finer_loss_change
+    from DeepSalRegLib.warp import warp
+
+    g = torch.Generator().manual_seed(2)
+    fixed = torch.nn.functional.avg_pool2d(torch.rand(1, 1, 64, 64, generator=g), 3, 1, 1)
+    truth = torch.zeros(1, 2, 64, 64)
+    truth[:, 0] = 2.0
+    moving = warp(fixed, -truth)
+    zero, half = torch.zeros_like(truth), truth / 2
+    judge = _FinerJudge(fixed, moving, None, None, 7)
+    first = judge.change(zero, half, (4, 2, 1))
+    assert first == _finer_loss_change(fixed, moving, zero, half, (4, 2, 1), None, None, 7) and first < 0
+    judge.accept()  # half became the field
+    assert judge.change(half, truth, (2, 1)) == _finer_loss_change(fixed, moving, half, truth, (2, 1), None, None, 7)
+    # not accepted: the next judgement starts again from half
+    assert judge.change(half, zero, (1,)) == _finer_loss_change(fixed, moving, half, zero, (1,), None, None, 7) > 0
+
+
 def test_finer_check_rejects_a_correction_that_only_the_coarse_scale_likes():
     """A smooth shift that aligns the blurred images but misaligns their fine texture: the one-level-finer
     judgement (1/4 for a 1/8 level) says better, the mean over every finer scale says worse (as a coarse level
