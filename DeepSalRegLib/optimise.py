@@ -195,27 +195,40 @@ class Convergence:
         return "converged" if previous - latest < self.tolerance else None
 
 
+class _Pyramid:
+    """The pair and its masks at 1/``factor`` resolution (``downsample``), each factor computed once: the
+    refinement's levels and the finer-level judge read the same images."""
+
+    def __init__(self, fixed, moving, fixed_mask=None, moving_mask=None):
+        self.fixed, self.moving, self.fixed_mask, self.moving_mask = fixed, moving, fixed_mask, moving_mask
+        self._levels = {}
+
+    def at(self, factor):
+        """``(fixed, moving, fixed mask or None, moving mask or None)`` at 1/``factor`` resolution."""
+        if factor not in self._levels:
+            self._levels[factor] = (
+                downsample(self.fixed, factor), downsample(self.moving, factor),
+                downsample(self.fixed_mask.float(), factor) if self.fixed_mask is not None else None,
+                downsample(self.moving_mask.float(), factor) if self.moving_mask is not None else None)
+        return self._levels[factor]
+
+
 class _FinerJudge:
     """Judges a pyramid level's correction by the (masked, unweighted) LNCC loss at every finer resolution.
 
     ``change(field, candidate, factors)``: the mean over the resolutions 1/``factors`` of the relative loss change
     ``(loss(candidate) - loss(field)) / loss(field)``; negative when the candidate aligns the pair better across
-    the finer scales. The downsampled images and the current field's losses are kept between calls (the next
-    call judges from the field this one kept: ``accept``), so each call computes the candidate's losses only.
+    the finer scales. The current field's losses are kept between calls (the next call judges from the field
+    this one kept: ``accept``), so each call computes the candidate's losses only.
     """
 
-    def __init__(self, fixed, moving, fixed_mask, moving_mask, window):
-        self.fixed, self.moving, self.fixed_mask, self.moving_mask, self.window = fixed, moving, fixed_mask, moving_mask, window
-        self.images = {}  # factor -> (fixed, moving, fixed mask, moving mask) at 1/factor resolution
+    def __init__(self, pyramid: _Pyramid, window: int):
+        self.pyramid, self.window = pyramid, window
         self.field_losses = {}  # factor -> loss of the current field
         self.candidate_losses = {}
 
     def _loss(self, u, factor) -> float:
-        if factor not in self.images:
-            self.images[factor] = (downsample(self.fixed, factor), downsample(self.moving, factor),
-                                   downsample(self.fixed_mask.float(), factor) if self.fixed_mask is not None else None,
-                                   downsample(self.moving_mask.float(), factor) if self.moving_mask is not None else None)
-        f_n, m_n, mask_f, mask_m = self.images[factor]
+        f_n, m_n, mask_f, mask_m = self.pyramid.at(factor)
         u = resize_field(u, f_n.shape[2:])
         weight = mask_f
         if mask_m is not None:
@@ -241,7 +254,7 @@ class _FinerJudge:
 
 def _finer_loss_change(fixed, moving, field, candidate, factors, fixed_mask, moving_mask, window) -> float:
     """``_FinerJudge.change`` for one judgement."""
-    return _FinerJudge(fixed, moving, fixed_mask, moving_mask, window).change(field, candidate, factors)
+    return _FinerJudge(_Pyramid(fixed, moving, fixed_mask, moving_mask), window).change(field, candidate, factors)
 
 
 def instance_optimise(
@@ -314,9 +327,10 @@ def instance_optimise(
             px, DRIVE 23-30 0.31 -> 0.16 px); on the 3D study's brains (a 1/8 grid of ~11 voxels per axis) the
             coarse levels moved the tissue around resection cavities while lowering the next level's loss by
             0.2-1 % and raising the finer ones' (session 14, every finer level judging: subject A's resection
-            R20 inside / band 5.69 / 1.35 -> 4.35 / 0.91 mm; the 3D benchmark pairs as before). Where the network failed (an ANHIR pair registered in reverse) the
-            coarse correction lowers the next level's loss by 6 %, raises the finest one's by 2 %, and is kept
-            (judged at the finest level alone it was dropped: 0.0065 -> 0.021 rTRE).
+            R20 inside / band 5.69 / 1.35 -> 4.35 / 0.91 mm; the 3D benchmark pairs as before). Where the
+            network failed (an ANHIR pair registered in reverse) the coarse correction lowers the next level's
+            loss by 6 %, raises the finest one's by 2 %, and is kept (judged at the finest level alone it was
+            dropped: 0.0065 -> 0.021 rTRE).
         stats: optional dict that receives ``levels``, ``steps``, ``seconds`` and ``kept`` (whether the level's
             correction was kept, ``finer_check``), per level, coarse to fine.
         progress: ``progress(fraction, message)`` callback.
@@ -340,17 +354,16 @@ def instance_optimise(
     total = sum(budget)
     done = 0
     taken, seconds, kept = [], [], []
-    judge = _FinerJudge(fixed, moving, fixed_mask, moving_mask, window) if finer_check else None
+    pyramid = _Pyramid(fixed, moving, fixed_mask, moving_mask)
+    judge = _FinerJudge(pyramid, window) if finer_check else None
     for index, (factor, steps) in enumerate(zip(levels, budget)):
         level_start = time.perf_counter()
         level_deadline = None
         if rule is not None and rule.deadline is not None:
             now = time.perf_counter()
             level_deadline = now + max(0.0, rule.deadline - now) / (len(levels) - index)
-        f_l, m_l = downsample(fixed, factor), downsample(moving, factor)
+        f_l, m_l, mask_f, mask_m = pyramid.at(factor)
         size = f_l.shape[2:]
-        mask_f = downsample(fixed_mask.float(), factor) if fixed_mask is not None else None
-        mask_m = downsample(moving_mask.float(), factor) if moving_mask is not None else None
         base = resize_field(field, size)
         f_means = fixed_box_means(f_l, window)
         v_size = velocity_grid(size, velocity_factor)

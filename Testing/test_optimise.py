@@ -136,7 +136,7 @@ def test_finer_check_prefers_the_field_that_aligns_the_sharper_images_in_both_di
 
 def test_the_finer_judge_remembers_the_kept_field_losses_exactly():
     """``_FinerJudge`` reuses the losses of the field it kept; its judgements equal fresh ones."""
-    from DeepSalRegLib.optimise import _FinerJudge, _finer_loss_change
+    from DeepSalRegLib.optimise import _FinerJudge, _Pyramid, _finer_loss_change
     from DeepSalRegLib.warp import warp
 
     g = torch.Generator().manual_seed(2)
@@ -145,7 +145,7 @@ def test_the_finer_judge_remembers_the_kept_field_losses_exactly():
     truth[:, 0] = 2.0
     moving = warp(fixed, -truth)
     zero, half = torch.zeros_like(truth), truth / 2
-    judge = _FinerJudge(fixed, moving, None, None, 7)
+    judge = _FinerJudge(_Pyramid(fixed, moving), 7)
     first = judge.change(zero, half, (4, 2, 1))
     assert first == _finer_loss_change(fixed, moving, zero, half, (4, 2, 1), None, None, 7) and first < 0
     judge.accept()  # half became the field
