@@ -33,8 +33,13 @@ from .errors import DeviceError, InputError, OutputError
 
 __all__ = ["register", "RegistrationResult", "resolve_device", "DEFAULT_MAX_VOXELS"]
 
-#: Working-grid voxel budget per dimension (larger inputs are resampled more coarsely, with a warning).
-DEFAULT_MAX_VOXELS = {2: 1024 * 1024, 3: 160 * 160 * 160}
+#: Working-grid voxel budget per dimension (larger inputs are resampled more coarsely, with a warning). In 3D
+#: 2^20 (about 100^3), the most the refinement's finest level takes (``optimise.instance_optimise``'s
+#: ``max_level_voxels``): with 160^3 (until session 15) a finer grid only fed the network, whose start then
+#: misled the refinement on large motion (the full-resolution liver pairs on a 1.37 mm grid: TRE 3.22 mm; 2^20,
+#: a 1.87 mm grid: 2.57 mm; a 1 mm brain pair on a 2.02 mm grid: Dice 0.708 -> 0.718 in the same ~12 s; NOTES
+#: session 15).
+DEFAULT_MAX_VOXELS = {2: 1024 * 1024, 3: 2 ** 20}
 
 ProgressCallback = Callable[[float, str], None]
 
@@ -388,7 +393,8 @@ def register(
     # FIELD_ON_FIXED_GRID_UP_TO x its voxels: a float64 vector field on a 600^3 fixed grid alone would take
     # 5.2 GB, twice, as the transform holds its own copy)
     report(0.9, "exporting the transform")
-    out = stages.export(pair, flow, use_jsm, _voxels(fixed_img) <= FIELD_ON_FIXED_GRID_UP_TO * _voxels(grid), affine=pre)
+    out = stages.export(pair, flow, use_jsm, _voxels(fixed_img) <= FIELD_ON_FIXED_GRID_UP_TO[nd] * _voxels(grid),
+                        affine=pre)
     disp, transform, det = out.displacement, out.transform, out.determinant
     # NCC of the written warped image against the fixed image, on the grid of the written field (the fixed
     # grid, or the working grid for a very large fixed image), over the fixed image's region there

@@ -90,9 +90,10 @@ def prepare(fixed_image, moving_image, fixed_mask=None, moving_mask=None, *, mul
     if memory_check:  # before any full-resolution work
         check_memory(fixed_image.GetSize(), moving_image.GetSize(), int(np.prod(grid.GetSize())))
     if grid.GetSpacing()[0] > natural.GetSpacing()[0] * 1.001:
-        warnings.warn(f"the fixed image is large: registering on a {grid.GetSpacing()[0]:.2f} mm grid "
-                      f"({'x'.join(map(str, grid.GetSize()))}) instead of {natural.GetSpacing()[0]:.2f} mm to stay "
-                      f"within {max_voxels} voxels; raise max_voxels for more detail")
+        warnings.warn(f"registering on a {grid.GetSpacing()[0]:.2f} mm working grid "
+                      f"({'x'.join(map(str, grid.GetSize()))}) instead of the fixed image's "
+                      f"{natural.GetSpacing()[0]:.2f} mm: the budget is {max_voxels} voxels (max_voxels); the warped "
+                      f"image is written on the fixed image's grid")
     f_arr = sitk.GetArrayFromImage(geometry.resample_onto(fixed_image, grid))
     m_arr = sitk.GetArrayFromImage(geometry.resample_onto(moving_image, grid))
     inside_fixed = geometry.field_of_view(fixed_image, grid)

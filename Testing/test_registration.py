@@ -316,7 +316,7 @@ def test_a_fixed_image_much_larger_than_the_working_grid_gets_the_field_on_the_w
     shift = sitk.TranslationTransform(2, (3.0, -2.0))
     fixed = geometry.resample_onto(moving, moving, transform=shift)
     budget = 48 * 48
-    assert np.prod(fixed.GetSize()) > FIELD_ON_FIXED_GRID_UP_TO * budget
+    assert np.prod(fixed.GetSize()) > FIELD_ON_FIXED_GRID_UP_TO[2] * budget
     result = DeepSalRegLib.register(fixed, moving, model="none", affine=True, max_voxels=budget, iterations=0)
     grid_size = result.displacement.GetSize()
     assert np.prod(grid_size) <= budget and result.saliency.GetSize() == grid_size == result.jacobian.GetSize()
@@ -393,3 +393,20 @@ def test_the_refinement_starts_from_the_affine_map_and_the_networks_large_scale_
     assert stages.refinement_start(affine, affine) is affine  # no network field: nothing to filter
     start_2d, network_2d = torch.zeros(1, 2, 16, 16), torch.randn(1, 2, 16, 16)
     assert stages.refinement_start(start_2d, network_2d) is network_2d  # 2D: unfiltered (NETWORK_START_SIGMA)
+
+
+def test_the_default_3d_working_grid_is_refined_at_full_resolution():
+    """The 3D working-grid budget is what the refinement's finest level takes, so on a 1 mm brain MRI
+    (160x192x224) every pyramid level runs, the finest on the working grid itself (with the earlier 160^3
+    budget the finest level was skipped and the finer grid only fed the network: NOTES session 15)."""
+    import inspect
+
+    from DeepSalRegLib.optimise import instance_optimise, pyramid_levels
+    from DeepSalRegLib.registration import DEFAULT_MAX_VOXELS
+
+    cap = inspect.signature(instance_optimise).parameters["max_level_voxels"].default
+    assert DEFAULT_MAX_VOXELS[3] <= cap
+    brain = sitk.Image([160, 192, 224], sitk.sitkUInt8)
+    grid = geometry.make_working_grid(brain, multiple=8, max_voxels=DEFAULT_MAX_VOXELS[3])
+    assert pyramid_levels(grid.GetSize()[::-1], (8, 4, 2, 1), cap) == [8, 4, 2, 1]
+    assert 1.9 < grid.GetSpacing()[0] < 2.1  # mm

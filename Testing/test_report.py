@@ -133,7 +133,7 @@ def keep(path: Path, name: str) -> None:
 
 def run_quietly(*args, **kwargs):
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "the fixed image is large: registering on a coarser grid"
+        warnings.simplefilter("ignore")  # "registering on a ... working grid" (coarser than the fixed image)
         return register(*args, **kwargs)
 
 
