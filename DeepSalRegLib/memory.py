@@ -21,13 +21,19 @@ from pathlib import Path
 
 from .errors import MemoryLimitError
 
-__all__ = ["FIELD_ON_FIXED_GRID_UP_TO", "estimate_peak_bytes", "available_bytes", "check_memory"]
+__all__ = ["FIELD_ON_FIXED_GRID_UP_TO", "field_on_fixed_grid", "estimate_peak_bytes", "available_bytes", "check_memory"]
 
 #: ``register()`` writes the field (and its maps) on the fixed image's grid unless that has more than this many
 #: times the working grid's voxels (per dimension); then on the working grid, where it was computed: the rule
 #: that bounds memory. 3D: 32 x the 2^20-voxel budget, the same ~33.5 M fixed voxels as 8 x the 160^3 budget
 #: before session 15 (a 1 mm brain MRI still gets its field on its own grid).
 FIELD_ON_FIXED_GRID_UP_TO = {2: 8, 3: 32}
+
+
+def field_on_fixed_grid(fixed_voxels: int, working_voxels: int, nd: int) -> bool:
+    """Whether ``register()`` writes the field on the fixed image's grid (else on the working grid)."""
+    return fixed_voxels <= FIELD_ON_FIXED_GRID_UP_TO[nd] * working_voxels
+
 
 _BASE = {2: 0.6e9, 3: 1.2e9}  # torch, the network and the working-grid tensors (working grid at its budget)
 _PER_FIXED_VOXEL = 100.0  # bytes: float64 field + its transform copy + the composite's residual, warped, maps, NCC
@@ -41,7 +47,7 @@ def estimate_peak_bytes(fixed_size, moving_size, working_voxels: int | None = No
     nd = len(fixed_size)
     n_fixed = math.prod(fixed_size)
     working = n_fixed if working_voxels is None else working_voxels
-    per_fixed = (_PER_FIXED_VOXEL if n_fixed <= FIELD_ON_FIXED_GRID_UP_TO.get(nd, 8) * working
+    per_fixed = (_PER_FIXED_VOXEL if field_on_fixed_grid(n_fixed, working, nd)
                  else _PER_FIXED_VOXEL_FIELD_ON_WORKING_GRID)
     return _BASE.get(nd, _BASE[3]) + per_fixed * n_fixed + _PER_MOVING_VOXEL * math.prod(moving_size)
 

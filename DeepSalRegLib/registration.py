@@ -299,7 +299,7 @@ def register(
     import torch
 
     from . import models, stages
-    from .memory import FIELD_ON_FIXED_GRID_UP_TO
+    from .memory import field_on_fixed_grid
     from .metrics import jacobian_statistics
     from .quality import preset
 
@@ -393,8 +393,7 @@ def register(
     # FIELD_ON_FIXED_GRID_UP_TO x its voxels: a float64 vector field on a 600^3 fixed grid alone would take
     # 5.2 GB, twice, as the transform holds its own copy)
     report(0.9, "exporting the transform")
-    out = stages.export(pair, flow, use_jsm, _voxels(fixed_img) <= FIELD_ON_FIXED_GRID_UP_TO[nd] * _voxels(grid),
-                        affine=pre)
+    out = stages.export(pair, flow, use_jsm, field_on_fixed_grid(_voxels(fixed_img), _voxels(grid), nd), affine=pre)
     disp, transform, det = out.displacement, out.transform, out.determinant
     # NCC of the written warped image against the fixed image, on the grid of the written field (the fixed
     # grid, or the working grid for a very large fixed image), over the fixed image's region there
