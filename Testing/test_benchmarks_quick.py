@@ -105,3 +105,17 @@ def test_naive_reference_jsm_matches_the_library():
     for shape in [(1, 1, 24, 20), (1, 1, 12, 14, 10)]:
         a, b = torch.rand(shape), torch.rand(shape)
         assert torch.allclose(naive_joint_saliency_map(a, b), joint_saliency_map(a, b), atol=1e-5)
+
+
+def test_user_grids_drop_the_working_grid_spacing_and_say_so():
+    from benchmarks import datasets
+
+    cases = [dict(name="liver_x", dsr=dict(spacing=3.0), notes="full resolution; DeepSalReg working grid 3 mm"),
+             dict(name="prostate_x", dsr=dict(spacing=1.5), notes="DeepSalReg working grid 1.5 mm; nominal 1 mm spacing"),
+             dict(name="hands", dsr={}, notes="128x128")]
+    out = datasets.user_grids(cases)
+    assert [c["dsr"] for c in out] == [{}, {}, {}]
+    assert out[0]["notes"] == "full resolution; DeepSalReg on its default working grid"
+    assert out[1]["notes"] == "DeepSalReg on its default working grid; nominal 1 mm spacing"
+    assert out[2]["notes"] == "128x128; DeepSalReg on its default working grid"
+    assert cases[0]["dsr"] == dict(spacing=3.0)  # the prepared cases are not changed in place

@@ -26,7 +26,7 @@ import SimpleITK as sitk
 
 from . import shared_data, synthetic
 
-__all__ = ["prepare", "DATASETS"]
+__all__ = ["prepare", "user_grids", "DATASETS"]
 
 DATASETS = ("liver", "brain", "prostate", "hands", "anhir", "drive")
 
@@ -233,6 +233,22 @@ def drive(data: Path, work: Path, scale: str) -> list[dict]:
 
 
 _BUILDERS = dict(liver=liver, brain=brain, prostate=prostate, hands=hands, anhir=anhir, drive=drive)
+
+
+def user_grids(cases: list[dict]) -> list[dict]:
+    """The cases with DeepSalReg on ``register()``'s own working grid (what a user gets with no flags): the
+    per-dataset ``dsr`` spacing is dropped and the note says so. Peers are unaffected (they never read ``dsr``).
+    """
+    import re
+
+    out = []
+    for case in cases:
+        note = re.sub(r"DeepSalReg working grid [0-9.]+ mm", "DeepSalReg on its default working grid",
+                      case.get("notes", ""))
+        if "default working grid" not in note:
+            note = (note + "; " if note else "") + "DeepSalReg on its default working grid"
+        out.append({**case, "dsr": {}, "notes": note})
+    return out
 
 
 def prepare(data: Path, work: Path, scale: str = "full", datasets=DATASETS, log=print) -> list[dict]:

@@ -119,6 +119,9 @@ def main(argv=None) -> dict:
                         help="results folder (default benchmarks/results, benchmarks/results_quick with --quick)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"shared data folder (default {DEFAULT_DATA})")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods (default: all)")
+    parser.add_argument("--user-grids", action="store_true",
+                        help="DeepSalReg on register()'s own working grid (no flags, as a user runs it) instead of "
+                             "each dataset's working-grid spacing")
     parser.add_argument("--no-peers", action="store_true", help="skip ANTs and elastix even when installed")
     parser.add_argument("--datasets", default=",".join(datasets.DATASETS), help="comma-separated datasets")
     parser.add_argument("--skip", default="", help=f"comma-separated parts to skip: {', '.join(PARTS)}")
@@ -183,6 +186,8 @@ def main(argv=None) -> dict:
         log("accuracy: preparing pairs")
         prepared = datasets.prepare(args.data, work, scale, [d.strip() for d in args.datasets.split(",") if d.strip()],
                                     log=log)
+        if args.user_grids:
+            prepared = datasets.user_grids(prepared)
         cases.update({c["name"]: c for c in prepared})
         rows += run_cases(prepared, methods, runner, work, log=log)
 
