@@ -285,8 +285,9 @@ def register(
         fixed_landmarks, moving_landmarks: optional landmark files (CSV LPS, .fcsv, .mrk.json) or ``(N, nd)``
             arrays of physical LPS points; with both, the TRE before and after is reported.
         progress: ``progress(fraction 0..1, message)`` callback.
-        max_voxels: working-grid voxel budget (default ``DEFAULT_MAX_VOXELS``); larger inputs are
-            registered on a coarser grid (with a warning) and the field is interpolated back.
+        max_voxels: working-grid voxel budget (default: the quality preset's in 3D, ``QualityPreset.max_voxels_3d``,
+            else ``DEFAULT_MAX_VOXELS``); larger inputs are registered on a coarser grid (with a warning) and the
+            field is interpolated back.
         spacing: working-grid spacing in mm (default: isotropic at the fixed image's finest spacing).
         use_jsm: weight the refinement's similarity by the joint saliency map (False = ablation).
         affine: affine pre-alignment before the network (``affine.py``; ~0.2 s in 2D, 1-2 s for a 3D pair on
@@ -360,7 +361,8 @@ def register(
     # stage 1: prepare (working grid, memory and overlap checks, resampling, normalisation)
     report(0.06, "resampling onto the working grid")
     pair = stages.prepare(fixed_img, moving_img, fmask_img, mmask_img, multiple=multiple,
-                          max_voxels=max_voxels or DEFAULT_MAX_VOXELS[nd], spacing=spacing, device=torch_device,
+                          max_voxels=max_voxels or (nd == 3 and settings.max_voxels_3d) or DEFAULT_MAX_VOXELS[nd],
+                          spacing=spacing, device=torch_device,
                           memory_check=memory_check)
     grid = pair.grid
     lap("resample")

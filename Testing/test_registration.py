@@ -410,3 +410,26 @@ def test_the_default_3d_working_grid_is_refined_at_full_resolution():
     grid = geometry.make_working_grid(brain, multiple=8, max_voxels=DEFAULT_MAX_VOXELS[3])
     assert pyramid_levels(grid.GetSize()[::-1], (8, 4, 2, 1), cap) == [8, 4, 2, 1]
     assert 1.9 < grid.GetSpacing()[0] < 2.1  # mm
+
+
+def test_the_fast_quality_registers_3d_on_a_coarser_working_grid():
+    """``quality="fast"`` uses its own 3D working-grid budget (``QualityPreset.max_voxels_3d``, 2^18 voxels), the
+    default keeps ``DEFAULT_MAX_VOXELS``, and an explicit ``max_voxels`` overrides both."""
+    from DeepSalRegLib.quality import PRESETS
+    from DeepSalRegLib.registration import DEFAULT_MAX_VOXELS, register
+
+    # 80^3 = 512 000 voxels of 1 mm: between the two budgets
+    fixed = sitk.GaussianSource(sitk.sitkFloat32, [80, 80, 80], [12.0] * 3, [40.0] * 3, 255.0)
+    moving = sitk.GaussianSource(sitk.sitkFloat32, [80, 80, 80], [12.0] * 3, [42.0, 40.0, 40.0], 255.0)
+
+    def grid(**kw):
+        result = register(fixed, moving, model="none", affine=False, iterations=0, **kw)
+        return np.prod(result.metrics["working_grid"]["size"]), result.metrics["working_grid"]["spacing_mm"][0]
+
+    assert PRESETS["fast"].max_voxels_3d == 2 ** 18 < 80 ** 3 <= DEFAULT_MAX_VOXELS[3]
+    voxels, spacing = grid(quality="fast")
+    assert voxels <= 2 ** 18 and spacing > 1.2
+    voxels, spacing = grid(quality="balanced")
+    assert voxels == 80 ** 3 and spacing == pytest.approx(1.0)
+    voxels, _ = grid(quality="fast", max_voxels=DEFAULT_MAX_VOXELS[3])
+    assert voxels == 80 ** 3
