@@ -360,10 +360,9 @@ def register(
 
     # stage 1: prepare (working grid, memory and overlap checks, resampling, normalisation)
     report(0.06, "resampling onto the working grid")
-    pair = stages.prepare(fixed_img, moving_img, fmask_img, mmask_img, multiple=multiple,
-                          max_voxels=max_voxels or (nd == 3 and settings.max_voxels_3d) or DEFAULT_MAX_VOXELS[nd],
-                          spacing=spacing, device=torch_device,
-                          memory_check=memory_check)
+    budget = max_voxels or (settings.max_voxels_3d if nd == 3 else None) or DEFAULT_MAX_VOXELS[nd]
+    pair = stages.prepare(fixed_img, moving_img, fmask_img, mmask_img, multiple=multiple, max_voxels=budget,
+                          spacing=spacing, device=torch_device, memory_check=memory_check)
     grid = pair.grid
     lap("resample")
 

@@ -19,6 +19,7 @@ grids: 10.5 min on 2 cores with the peers) and ``"tiny"`` (CI: a handful of very
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 
 import numpy as np
@@ -239,8 +240,6 @@ def user_grids(cases: list[dict]) -> list[dict]:
     """The cases with DeepSalReg on ``register()``'s own working grid (what a user gets with no flags): the
     per-dataset ``dsr`` spacing is dropped and the note says so. Peers are unaffected (they never read ``dsr``).
     """
-    import re
-
     out = []
     for case in cases:
         note = re.sub(r"DeepSalReg working grid [0-9.]+ mm", "DeepSalReg on its default working grid",

@@ -40,7 +40,8 @@ def _add_common(p):
     p.add_argument("--no-affine", dest="affine", action="store_false",
                    help="skip the affine pre-alignment (network alone: fastest, for roughly aligned pairs)")
     p.add_argument("--max-voxels", type=int, default=None, metavar="N",
-                   help="working-grid voxel budget; larger images are registered on a coarser grid")
+                   help="working-grid voxel budget (default: 2^20 in 3D, 2^18 with --quality fast; 1024^2 in "
+                        "2D); larger images are registered on a coarser grid")
     p.add_argument("--no-report", action="store_true", help="do not write report.png")
     p.add_argument("--progress-lines", action="store_true",
                    help="print 'PROGRESS <0-100> <message>' lines on stdout instead of a progress bar")
