@@ -52,7 +52,8 @@ PRESETS = {
     # (2 threads) 2.4-2.7 s per pair instead of 5-8.5 s on the 2^20 grid, liver 2.83 / 2.81 mm, prostate 0.849 /
     # 0.848, brain (2 mm files) 0.652 / 0.695
     "fast": QualityPreset("fast", "short refinement (at most 15 steps per level) on a 3D working grid of at most "
-                          "2^18 voxels: 2.5-3 s per 3D pair on 2 CPU cores", max_steps=15, tolerance=3e-3,
+                          "2^18 voxels: 2.5-3 s per 3D pair on 2 CPU cores; less detail, use balanced around "
+                          "lesions and resections", max_steps=15, tolerance=3e-3,
                           max_voxels_3d=2 ** 18),
     "balanced": QualityPreset("balanced", "refinement until converged (at most 40 steps per level, 20 at full "
                               "resolution): the default; 3-4 s per 3D pair on a 3 mm grid, 7-11 s on a "
