@@ -628,8 +628,9 @@ class DeepSalRegLogic(ScriptedLoadableModuleLogic):
             model: a shipped model ("default" picks "default-2d" or "default-3d"), the path of a model file, or
                 "none" (no network: refinement from the identity).
             device: "auto", "cpu" or "cuda".
-            quality: "fast", "balanced" (default) or "accurate": how long the refinement after the network runs;
-                it stops by itself when converged (``DeepSalRegLib/quality.py``; costs in the README).
+            quality: "fast", "balanced" (default) or "accurate": how long the refinement after the network runs
+                (it stops by itself when converged) and, for "fast", a coarser 3D working grid
+                (``DeepSalRegLib/quality.py``; costs in the README).
             iterations: expert: exactly this many refinement steps instead (0: affine + network only).
             timeBudget: optional seconds: the refinement ends early so the registration takes about this long.
             affine: affine pre-alignment before the network (off only for roughly aligned pairs).
