@@ -84,8 +84,9 @@ def check_memory(fixed_size, moving_size, working_voxels: int | None = None, ava
     room = available_bytes() if available is None else available
     if room is not None and need > room:
         size = "x".join(str(n) for n in fixed_size)
+        working = f" of {working_voxels} voxels" if working_voxels is not None else ""
         raise MemoryLimitError(
             f"this pair needs about {need / 1e9:.1f} GB of memory (fixed image {size} voxels) but "
             f"{room / 1e9:.1f} GB are available; free memory, or register copies resampled to a coarser grid "
-            "(the field is computed on a grid of at most 2^20 voxels anyway)")
+            f"(the field is computed on a working grid{working} anyway)")
     return need

@@ -34,13 +34,13 @@ from .warp import compose, integrate_velocity, resize_field, spatial_dims, warp
 #: floor of the JSM part ``alpha + (1 - alpha) * JSM`` of the refinement's weight (``losses.confidence_weight``)
 JSM_ALPHA = 0.1
 
-#: Weight of the diffusion regulariser on the fine levels (1/2 resolution and finer), by spatial dimension;
-#: the coarser levels, and the fine ones of a dimension not listed, use ``smoothness_weight`` (5). Measured in session 15 (NOTES) on the benchmark pairs: in
-#: 3D, 2 on the fine levels let the field follow the liver's sliding motion where 5 dragged the static
-#: abdominal wall and back muscles 8-20 mm along with the liver (liver TRE 2.82 -> 2.64 mm, brain Dice 0.649 ->
-#: 0.659, prostate 0.845 -> 0.847; 2 on every level: liver 2.52 but brain 0.654; the 3D study's tumour and
-#: resection R20 rows improved, its wiped and contrast-changed regions lost 0.2-0.8 mm inside); in 2D 2 was
-#: worse on every set (DRIVE 23-30 0.160 -> 0.182 px, reversed hands 2.14 -> 2.33 px), so 2D keeps 5.
+#: Weight of the diffusion regulariser on the fine levels (1/2 resolution and finer), by spatial dimension; the
+#: coarser levels, and the fine ones of a dimension not listed, use ``smoothness_weight`` (5). Measured in session
+#: 15 (NOTES) on the benchmark pairs: in 3D, 2 on the fine levels let the field follow the liver's sliding motion
+#: where 5 dragged the static abdominal wall and back muscles 8-20 mm along with the liver (liver TRE 2.82 -> 2.64
+#: mm, brain Dice 0.649 -> 0.659, prostate 0.845 -> 0.847; 2 on every level: liver 2.52 but brain 0.654; the 3D
+#: study's tumour and resection R20 rows improved, its wiped and contrast-changed regions lost 0.2-0.8 mm inside);
+#: in 2D 2 was worse on every set (DRIVE 23-30 0.160 -> 0.182 px, reversed hands 2.14 -> 2.33 px), so 2D keeps 5.
 FINE_SMOOTHNESS_WEIGHT = {3: 2.0}
 
 #: Levels at this downsampling factor or finer are the "fine" levels of ``FINE_SMOOTHNESS_WEIGHT``.
