@@ -15,6 +15,8 @@ Convention (used everywhere in the library; physical-space conversion lives only
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -113,19 +115,61 @@ def resize_field(field: torch.Tensor, size) -> torch.Tensor:
     """Resample a field to spatial ``size`` and rescale its voxel magnitudes to the new grid.
 
     With ``align_corners=True`` a displacement of one old voxel spans ``(n_new - 1) / (n_old - 1)`` new voxels.
+    The sampling is linear interpolation at ``align_corners=True`` positions (``F.interpolate``'s, no
+    anti-aliasing); in 3D it is applied one axis at a time as a product with a small interpolation matrix
+    (``_interpolate_3d``).
     """
     nd = spatial_dims(field)
     size = tuple(int(s) for s in size)
     if tuple(field.shape[2:]) == size:
         return field
-    mode = "bilinear" if nd == 2 else "trilinear"
-    out = F.interpolate(field, size=size, mode=mode, align_corners=True)
+    if nd == 3 and max(field.shape[2:]) <= _MATRIX_INTERPOLATION_MAX_AXIS:
+        out = _interpolate_3d(field, size)
+    else:
+        out = F.interpolate(field, size=size, mode="bilinear" if nd == 2 else "trilinear", align_corners=True)
     scale = torch.tensor(
         [(n_new - 1) / max(n_old - 1, 1) for n_new, n_old in zip(size, field.shape[2:])],
         device=field.device,
         dtype=field.dtype,
     )
     return out * scale.view(1, nd, *([1] * nd))
+
+
+#: ``resize_field`` interpolates a 3D field by matrix products when its longest axis has at most this many voxels
+_MATRIX_INTERPOLATION_MAX_AXIS = 256
+
+
+@functools.lru_cache(maxsize=64)
+def _interpolation_matrix(n_new: int, n_old: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``(n_new, n_old)`` linear interpolation at ``align_corners=True`` positions: row ``i`` samples the old
+    axis at ``i (n_old - 1) / (n_new - 1)`` (two non-zero weights)."""
+    matrix = torch.zeros(n_new, n_old, dtype=torch.float64)
+    if n_old == 1 or n_new == 1:
+        matrix[:, 0] = 1.0
+    else:
+        position = torch.arange(n_new, dtype=torch.float64) * (n_old - 1) / (n_new - 1)
+        low = position.floor().long().clamp(max=n_old - 2)
+        frac = position - low
+        rows = torch.arange(n_new)
+        matrix[rows, low] = 1.0 - frac
+        matrix[rows, low + 1] += frac
+    return matrix.to(dtype=dtype, device=device)
+
+
+def _interpolate_3d(field: torch.Tensor, size) -> torch.Tensor:
+    """``F.interpolate(field, size, mode="trilinear", align_corners=True)`` as three matrix products, one per axis.
+
+    Why: on a CPU the products (and their backward, two more) run 3-5x faster than ``F.interpolate`` with its
+    backward, whose CPU kernel dominated a refinement step's upsampling (session 17, NOTES: a 12x80x80 ->
+    24x160x160 velocity increment 15.5 -> 2.8 ms); the values agree to float32 rounding.
+    """
+    b, c, d, h, w = field.shape
+    new_d, new_h, new_w = size
+    args = (field.dtype, field.device)
+    out = field @ _interpolation_matrix(new_w, w, *args).T  # (b, c, d, h, W)
+    out = _interpolation_matrix(new_h, h, *args) @ out  # (b, c, d, H, W)
+    out = _interpolation_matrix(new_d, d, *args) @ out.reshape(b, c, d, new_h * new_w)
+    return out.reshape(b, c, new_d, new_h, new_w)
 
 
 def integrate_velocity(velocity: torch.Tensor, steps: int = 7) -> torch.Tensor:

@@ -116,6 +116,26 @@ def test_box_mean_equals_average_pooling_without_the_padding(shape, window):
     assert float(box_mean(t, window)[(0, 0) + index]) == pytest.approx(float(t[(0, 0) + box].mean()), abs=1e-12)
 
 
+def test_box_means_of_flat_windows_have_no_variance_wherever_they_are():
+    """A window over a flat region has variance 0 where the image is 0 (background) and within float32 rounding
+    elsewhere, wherever it is along a long axis (the LNCC's stabiliser is 1e-6: running sums left residues
+    growing along the axis that gave flat regions a gradient, NOTES sessions 10 and 17)."""
+    from DeepSalRegLib.losses import box_mean
+
+    image = torch.full((1, 1, 90, 2000), 0.31372549)
+    image[..., 300:] = 0.7019608
+    image[..., 50:, :] = 0.0
+    means = box_mean(torch.cat([image, image * image], dim=1), 7)
+    variance = means[:, 1] - means[:, 0] ** 2
+    flat = torch.ones_like(variance, dtype=torch.bool)
+    flat[..., 297:303] = False
+    flat[..., 47:53, :] = False
+    assert float(variance[flat].abs().max()) < 4e-7
+    assert float(variance[..., 53:, :].abs().max()) == 0.0
+    assert float(variance[..., :47, 297:303].min()) > 1e-3  # the windows across an edge see it
+    assert float(variance[..., 47:53, :].min()) > 1e-3
+
+
 def test_lncc_batch_reduction_is_each_elements_own_weighted_mean():
     """``reduction="batch"`` (the affine stage's rotation probes): element k's loss as if computed alone."""
     torch.manual_seed(0)

@@ -95,6 +95,24 @@ def test_resize_field_scales_magnitudes():
     assert good < 0.04 and unscaled > 2.5 * good
 
 
+@pytest.mark.parametrize("old,new", [((5, 7, 9), (9, 13, 17)), ((12, 1, 6), (24, 3, 11)), ((16, 12, 10), (8, 6, 5))])
+def test_3d_resize_by_interpolation_matrices_equals_trilinear_interpolation_with_its_gradient(old, new):
+    """``resize_field`` in 3D interpolates one axis at a time by matrix products: the values and the gradient
+    (what a refinement step's backward pass uses) are those of ``F.interpolate(trilinear, align_corners=True)``,
+    up- and downsampling, with singleton axes; and the magnitudes are rescaled to the new grid."""
+    torch.manual_seed(0)
+    field = torch.randn(2, 3, *old, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(2, 3, *new, dtype=torch.float64)
+    resized = resize_field(field, new)
+    (gradient,) = torch.autograd.grad((resized * weights).sum(), field)
+    reference = torch.nn.functional.interpolate(field, size=new, mode="trilinear", align_corners=True)
+    scale = torch.tensor([(n - 1) / max(o - 1, 1) for n, o in zip(new, old)], dtype=torch.float64).view(1, 3, 1, 1, 1)
+    reference = reference * scale
+    (expected_gradient,) = torch.autograd.grad((reference * weights).sum(), field)
+    assert torch.allclose(resized, reference, atol=1e-12)
+    assert torch.allclose(gradient, expected_gradient, atol=1e-12)
+
+
 @pytest.mark.parametrize("nd", [2, 3])
 def test_jacobian_of_affine_field_is_its_determinant(nd):
     shape = (16,) * nd
