@@ -23,6 +23,7 @@ __all__ = [
     "fixed_box_means",
     "jsm_weight",
     "confidence_weight",
+    "correspondence_ramp",
     "CORRESPONDENCE_RAMP",
     "smoothness",
     "negative_jacobian_penalty",
@@ -155,11 +156,23 @@ def box_mean(t: torch.Tensor, window: int) -> torch.Tensor:
     return _BoxMean.apply(t, window // 2)
 
 
-def fixed_box_means(fixed: torch.Tensor, window: int = 9) -> torch.Tensor:
-    """``box_mean`` of the fixed image and of its square, ``(B, 2, *S)``: the part of ``lncc_similarity`` that
-    does not change while the moving image is warped; pass it as ``fixed_means`` to skip recomputing it."""
+def fixed_box_means(fixed: torch.Tensor, window: int = 9, counted: torch.Tensor | None = None) -> torch.Tensor:
+    """The part of ``lncc_similarity`` that does not change while the moving image is warped; pass it as
+    ``fixed_means`` to skip recomputing it: ``box_mean`` of the fixed image and of its square, ``(B, 2, *S)``;
+    with ``counted`` (the same as passed to ``lncc_similarity``), the means over each window's counted voxels
+    and, third, the counted share of the window, ``(B, 3, *S)``."""
     with torch.no_grad():
-        return box_mean(torch.cat([fixed, fixed * fixed], dim=1), window)
+        if counted is None:
+            return box_mean(torch.cat([fixed, fixed * fixed], dim=1), window)
+        share, sum_f, sum_ff = box_mean(torch.cat([counted, counted * fixed, counted * fixed * fixed], dim=1),
+                                        window).split(1, dim=1)
+        divisor = share.clamp_min(_COUNTED_SHARE_FLOOR)
+        return torch.cat([sum_f / divisor, sum_ff / divisor, share], dim=1)
+
+
+#: a window's counted share is floored at this before dividing (a window with no counted voxel has no statistics;
+#: its centre is not counted either, so its loss carries no weight)
+_COUNTED_SHARE_FLOOR = 1e-3
 
 
 def _box_mean_values(t: torch.Tensor, radius: int) -> torch.Tensor:
@@ -168,18 +181,31 @@ def _box_mean_values(t: torch.Tensor, radius: int) -> torch.Tensor:
 
 
 def lncc_similarity(fixed, warped, weight=None, reduction="mean", window: int = 9,
-                    fixed_means: torch.Tensor | None = None):
+                    fixed_means: torch.Tensor | None = None, counted: torch.Tensor | None = None):
     """``1 - LNCC^2``-style loss: one minus the squared local normalised cross-correlation (box window).
 
     Returns a value in [0, 1]; 0 for images that are locally affine functions of each other.
-    ``fixed_means``: ``fixed_box_means(fixed, window)`` when the same fixed image is compared many times
+    ``fixed_means``: ``fixed_box_means(fixed, window, counted)`` when the same fixed image is compared many times
     (an optimisation): the box means of 3 instead of 5 images per call, 2x cheaper (no gradient flows into
     the fixed image then).
+    ``counted``: optional ``(B, 1, *S)`` 0..1 weights of the voxels in each window's statistics (normalised
+    convolution: the means, variances and covariance of a window are taken over its counted voxels). ``weight``
+    weighs each voxel's loss (its window's), ``counted`` what its window sees: a window next to a region left out
+    is judged on the rest of its voxels, so it gains nothing by shrinking or stretching that region.
     """
-    if fixed_means is None:
-        fixed_means = box_mean(torch.cat([fixed, fixed * fixed], dim=1), window)
-    mf, mff = fixed_means.unbind(dim=1)
-    mw, mfw, mww = box_mean(torch.cat([warped, fixed * warped, warped * warped], dim=1), window).unbind(dim=1)
+    if counted is None:
+        if fixed_means is None:
+            fixed_means = box_mean(torch.cat([fixed, fixed * fixed], dim=1), window)
+        mf, mff = fixed_means.unbind(dim=1)
+        mw, mfw, mww = box_mean(torch.cat([warped, fixed * warped, warped * warped], dim=1), window).unbind(dim=1)
+    else:
+        if fixed_means is None:
+            fixed_means = fixed_box_means(fixed, window, counted)
+        mf, mff, share = fixed_means.unbind(dim=1)
+        divisor = share.clamp_min(_COUNTED_SHARE_FLOOR)
+        counted_warped = counted * warped
+        sums = box_mean(torch.cat([counted_warped, fixed * counted_warped, warped * counted_warped], dim=1), window)
+        mw, mfw, mww = (sums / divisor.unsqueeze(1)).unbind(dim=1)
     cross = mfw - mf * mw
     var_f = (mff - mf * mf).clamp_min(0)
     var_w = (mww - mw * mw).clamp_min(0)
@@ -203,23 +229,33 @@ def jsm_weight(jsm: torch.Tensor, alpha: float = 0.1) -> torch.Tensor:
     return alpha + (1.0 - alpha) * jsm.detach()
 
 
-#: ``structure_correspondence`` values mapped linearly onto 0..1 by ``confidence_weight`` (below 0.3: no
+#: ``structure_correspondence`` values mapped linearly onto 0..1 by ``correspondence_ramp`` (below 0.3: no
 #: correspondence, weight 0; above 0.6: full weight). Chosen on the 3D study's subject A at R = 10 / 20 mm
 #: (session 8, NOTES) and checked on the benchmark's datasets (a softer 0.15 / 0.45 ramp was no better).
 CORRESPONDENCE_RAMP = (0.3, 0.6)
 
 
+def correspondence_ramp(fixed: torch.Tensor, warped: torch.Tensor) -> torch.Tensor:
+    """``ramp(C)``: ``saliency.structure_correspondence(F, W)`` mapped linearly from ``CORRESPONDENCE_RAMP`` onto
+    0..1, ``(B, 1, *S)``, detached: 0 where the structure of one image has no counterpart in the other (missing
+    correspondence), 1 where it has."""
+    from .saliency import structure_correspondence
+
+    with torch.no_grad():
+        low, high = CORRESPONDENCE_RAMP
+        return ((structure_correspondence(fixed, warped.detach()) - low) / (high - low)).clamp(0.0, 1.0)
+
+
 def confidence_weight(fixed: torch.Tensor, warped: torch.Tensor, alpha: float = 0.1, jsm: torch.Tensor | None = None,
-                      correspondence: bool = True) -> torch.Tensor:
+                      correspondence: bool = True, ramp: torch.Tensor | None = None) -> torch.Tensor:
     """The similarity weight of the refinement (and optionally of training): ``(B, 1, *S)``, detached.
 
-    ``(alpha + (1 - alpha) JSM) * ramp(C)`` with ``C = saliency.structure_correspondence(F, W)`` and ``ramp``
-    the linear map of ``CORRESPONDENCE_RAMP`` onto 0..1: the thesis's JSM weight, switched off where the
-    structure of one image has no counterpart in the other (missing correspondence), so that the alignment
+    ``(alpha + (1 - alpha) JSM) * ramp(C)`` (``correspondence_ramp``): the thesis's JSM weight, switched off where
+    the structure of one image has no counterpart in the other (missing correspondence), so that the alignment
     there is carried by the regulariser from the surroundings. ``correspondence=False``: the JSM weight
-    alone (the thesis's weighting). ``jsm``: a JSM already computed for this pair.
+    alone (the thesis's weighting). ``jsm``, ``ramp``: already computed for this pair.
     """
-    from .saliency import joint_saliency_map, structure_correspondence
+    from .saliency import joint_saliency_map
 
     with torch.no_grad():
         warped = warped.detach()
@@ -227,8 +263,7 @@ def confidence_weight(fixed: torch.Tensor, warped: torch.Tensor, alpha: float = 
             jsm = joint_saliency_map(fixed, warped)
         weight = jsm_weight(jsm, alpha)
         if correspondence:
-            low, high = CORRESPONDENCE_RAMP
-            weight = weight * ((structure_correspondence(fixed, warped) - low) / (high - low)).clamp(0.0, 1.0)
+            weight = weight * (correspondence_ramp(fixed, warped) if ramp is None else ramp)
     return weight
 
 

@@ -136,6 +136,44 @@ def test_box_means_of_flat_windows_have_no_variance_wherever_they_are():
     assert float(variance[..., 47:53, :].min()) > 1e-3
 
 
+def test_lncc_with_every_voxel_counted_is_the_plain_lncc_value_and_gradient():
+    torch.manual_seed(0)
+    fixed = torch.rand(1, 1, 9, 11, 10)
+    warped = torch.rand(1, 1, 9, 11, 10, requires_grad=True)
+    weight = torch.rand(1, 1, 9, 11, 10)
+    plain = lncc_similarity(fixed, warped, weight, window=5)
+    (g_plain,) = torch.autograd.grad(plain, warped)
+    ones = torch.ones_like(fixed)
+    counted = lncc_similarity(fixed, warped, weight, window=5, fixed_means=fixed_box_means(fixed, 5, ones), counted=ones)
+    (g_counted,) = torch.autograd.grad(counted, warped)
+    assert float(counted) == pytest.approx(float(plain), abs=1e-6)
+    assert torch.allclose(g_counted, g_plain, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(40, 40), (16, 18, 20)])
+def test_what_is_not_counted_cannot_change_the_lncc_of_its_neighbours(shape):
+    """A region left out of the windows' statistics (``counted`` 0, e.g. tissue that has no counterpart) gives its
+    neighbours nothing to gain: whatever the warped image shows there, the loss is the same (without ``counted``,
+    windows next to it did better when the region shrank: session 16-17 NOTES), and without the region it does
+    change."""
+    torch.manual_seed(0)
+    fixed = torch.rand(1, 1, *shape)
+    warped = 0.7 * fixed + 0.3 * torch.rand(1, 1, *shape)
+    region = torch.zeros(1, 1, *shape, dtype=torch.bool)
+    region[(0, 0) + tuple(slice(n // 3, n // 2) for n in shape)] = True
+    counted = (~region).float()
+    other = warped.clone()
+    other[region] = torch.rand(int(region.sum()))  # another content where nothing is counted
+    means = fixed_box_means(fixed, 7, counted)
+
+    def loss(w, **kw):
+        return float(lncc_similarity(fixed, w, counted, window=7, **kw))
+
+    assert loss(other, fixed_means=means, counted=counted) == pytest.approx(loss(warped, fixed_means=means,
+                                                                                  counted=counted), abs=1e-6)
+    assert abs(loss(other) - loss(warped)) > 1e-3  # the plain LNCC's windows next to the region see it
+
+
 def test_lncc_batch_reduction_is_each_elements_own_weighted_mean():
     """``reduction="batch"`` (the affine stage's rotation probes): element k's loss as if computed alone."""
     torch.manual_seed(0)
