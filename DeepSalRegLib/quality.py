@@ -7,7 +7,7 @@ itself, level by level, once its loss has stopped improving (``optimise.Converge
 (affine + network only).
 
 What each costs is measured in ``benchmarks/results`` (rows ``deepsalreg-fast``, ``deepsalreg-balanced``,
-``deepsalreg-accurate``; session 16 run; on users' own grids ``benchmarks/results_user_grids``); ``README.md``,
+``deepsalreg-accurate``; session 17 run; on users' own grids ``benchmarks/results_user_grids``); ``README.md``,
 the descriptions below and the Slicer panel's tooltip quote those numbers.
 
 This module imports nothing heavy: the Slicer panel reads the names and descriptions without torch.
@@ -52,16 +52,16 @@ PRESETS = {
     # (2 threads) 2.4-2.7 s per pair instead of 5-8.5 s on the 2^20 grid, liver 2.83 / 2.81 mm, prostate 0.849 /
     # 0.848, brain (2 mm files) 0.652 / 0.695
     "fast": QualityPreset("fast", "short refinement (at most 15 steps per level) on a 3D working grid of at most "
-                          "2^18 voxels: 2.5-3 s per 3D pair on 2 CPU cores; less detail, use balanced around "
+                          "2^18 voxels: 2.5 s per 3D pair on 2 CPU cores; less detail, use balanced around "
                           "lesions and resections", max_steps=15, tolerance=3e-3,
                           max_voxels_3d=2 ** 18),
     "balanced": QualityPreset("balanced", "refinement until converged (at most 40 steps per level, 20 at full "
-                              "resolution): the default; 3-4 s per 3D pair on a 3 mm grid, 7-11 s on a "
+                              "resolution): the default; 3-3.5 s per 3D pair on a 3 mm grid, 6-9 s on a "
                               "working grid of ~2^20 voxels (2 CPU cores)",
                               max_steps=40, tolerance=1e-3, max_steps_finest=20),
     "accurate": QualityPreset("accurate", "longer refinement with a tighter convergence test (at most 80 steps "
-                              "per level, 40 at full resolution) and the affine stage's full step budget; 5-6 s per "
-                              "3D pair on a 3 mm grid, 12-16 s on ~2^20 voxels (2 CPU cores), better on some pairs "
+                              "per level, 40 at full resolution) and the affine stage's full step budget; 5 s per "
+                              "3D pair on a 3 mm grid, 10-13 s on ~2^20 voxels (2 CPU cores), better on some pairs "
                               "only",
                               max_steps=80, tolerance=3e-4, max_steps_finest=40, affine_tolerance=0.0),
 }
