@@ -134,7 +134,7 @@ class _BoxMean(torch.autograd.Function):
     @staticmethod
     def forward(ctx, t, radius):
         ctx.radius = radius
-        return _box_mean_values(t, radius)
+        return _box_sums(t, radius) / _box_counts(t.shape[2:], radius, t.device).to(t.dtype)
 
     @staticmethod
     def backward(ctx, grad):
@@ -173,11 +173,6 @@ def fixed_box_means(fixed: torch.Tensor, window: int = 9, counted: torch.Tensor 
 #: a window's counted share is floored at this before dividing (a window with no counted voxel has no statistics;
 #: its centre is not counted either, so its loss carries no weight)
 _COUNTED_SHARE_FLOOR = 1e-3
-
-
-def _box_mean_values(t: torch.Tensor, radius: int) -> torch.Tensor:
-    """The box means of ``box_mean`` (radius ``window // 2``, boxes clipped to the image) without autograd."""
-    return _box_sums(t, radius) / _box_counts(t.shape[2:], radius, t.device).to(t.dtype)
 
 
 def lncc_similarity(fixed, warped, weight=None, reduction="mean", window: int = 9,
